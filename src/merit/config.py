@@ -1,0 +1,232 @@
+"""Typed run config: one section per stage, loaded from YAML with dotted ``--set`` overrides.
+
+Validation reports every problem at once, in the config's own dotted field names, as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from merit.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    preset: str | None = None
+    """A named preset (``merit ls``): ``tiny`` is the embedded default, built and warmed up locally."""
+    path: str | None = None
+    """A local Hugging Face causal-LM checkpoint folder used as θ(0)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("give exactly one of model.preset or model.path")
+        return self
+
+
+class SourceConfig(_Section):
+    name: str
+    train: str
+    eval: str | None = None
+
+
+class BuiltinMixtureConfig(_Section):
+    tasks: list[str] | None = None
+    """Task names (default: all built-in tasks)."""
+    train_per_task: int = Field(200, ge=1)
+    eval_per_task: int = Field(50, ge=1)
+
+
+class MixtureConfig(_Section):
+    builtin: BuiltinMixtureConfig | None = None
+    """The code-generated task mixture (the embedded default)."""
+    dir: str | None = None
+    """A folder with ``train/<source>.jsonl`` and ``eval/<source>.jsonl``."""
+    sources: list[SourceConfig] | None = None
+    include: list[str] | None = None
+    """With ``dir``: only these sources (default: every ``train/*.jsonl``)."""
+    max_train_per_source: int | None = Field(None, ge=1)
+    max_eval_per_source: int | None = Field(None, ge=1)
+    max_length: int = Field(256, ge=8)
+    """Examples longer than this many tokens are truncated (the count goes into the mixture manifest)."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> MixtureConfig:
+        given = [k for k in ("builtin", "dir", "sources") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of mixture.builtin, mixture.dir or mixture.sources")
+        if self.include is not None and self.dir is None:
+            raise ValueError("mixture.include goes with mixture.dir")
+        return self
+
+
+class PrepareConfig(_Section):
+    """The built-in preparation of θ(0) for the ``tiny`` preset: a short joint training on a separate
+    warm-up mixture (the paper's θ(0) is an already instruction-tuned checkpoint)."""
+
+    examples_per_task: int = Field(600, ge=1)
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class GradsConfig(_Section):
+    calibration_size: int = Field(200, ge=1)
+    """Examples per source for its mean gradient at θ(0) (paper: 200)."""
+    stride: int = Field(5, ge=1)
+    """Keep every ``stride``-th entry of the flattened gradient (paper: 5)."""
+    batch_size: int = Field(16, ge=1)
+
+
+class SplitConfig(_Section):
+    method: str = "pca-median"
+    r: int = Field(2, ge=1, le=6)
+    """Number of PCA axes; K = 2^r groups."""
+
+
+class TrainConfig(_Section):
+    """Identical hyper-parameters for every branch and for the joint baseline."""
+
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class MergeConfig(_Section):
+    operators: list[str] = ["token-weighted", "uniform"]
+    """Merge operators applied to the MERIT branches; the first one is also used for the random baseline."""
+
+
+class BaselinesConfig(_Section):
+    joint: bool = True
+    """One run over the whole mixture with the same hyper-parameters and token budget."""
+    random: bool = True
+    """K balanced random groups, trained and merged like MERIT."""
+
+
+class EvalConfig(_Section):
+    max_per_source: int | None = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+
+
+class LaunchConfig(_Section):
+    kind: str = "local"
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig
+    mixture: MixtureConfig
+    prepare: PrepareConfig = PrepareConfig()
+    grads: GradsConfig = GradsConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    eval: EvalConfig = EvalConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @property
+    def groups(self) -> int:
+        return 2**self.split.r
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``split.r=1`` -> (["split", "r"], 1); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set split.r=1")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    return key.split("."), yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "missing":
+            parts.append(f"'{loc}' is required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"'{loc}': {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a config from a YAML path (or a dict), with dotted overrides applied.
+
+    Relative data and model paths are resolved against the config file's folder.
+    """
+    origin = "config"
+    base_dir = Path.cwd()
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        base_dir = path.resolve().parent
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: {_describe(e)}") from None
+    _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    def res(p: str | None) -> str | None:
+        return None if p is None else str((base / Path(p).expanduser()).resolve())
+
+    cfg.model.path = res(cfg.model.path)
+    cfg.mixture.dir = res(cfg.mixture.dir)
+    for s in cfg.mixture.sources or []:
+        s.train = res(s.train)
+        s.eval = res(s.eval)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

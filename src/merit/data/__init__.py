@@ -1,0 +1,1 @@
+"""Stage 0: sources and formats, chat templating + loss masks, token counting, the built-in task mixture."""

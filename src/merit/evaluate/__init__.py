@@ -1,0 +1,1 @@
+"""Stage 5: scorers and the held-out evaluation loop."""

@@ -1,0 +1,1 @@
+"""Where branch jobs run. Every launcher takes the same job list; ``local`` runs them one after another."""

@@ -1,0 +1,1 @@
+"""Stage 4: merge operators (pure per-tensor functions) and streaming checkpoint IO."""

@@ -1,0 +1,1 @@
+"""Loading Hugging Face checkpoints, presets (the embedded tiny model), trainable-parameter subsets."""
