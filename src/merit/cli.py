@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 from merit.errors import MeritError
+from merit.evaluate import cli as eval_cli
+from merit.launch import cli as launch_cli
+from merit.merge import cli as merge_cli
+from merit.split import cli as split_cli
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -27,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value by dotted key, e.g. --set split.r=1 (repeatable)")
         q.add_argument("--until", metavar="STAGE", help="stop after this stage (theta0, mixture, grads, split, "
                        "branches, merge, joint, eval, report)")
+        q.add_argument("--allow-partial", action="store_true", help="if branches fail, merge the others "
+                       "(weights renormalised, marked partial); the command still exits with code 2")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded default (tiny model, built-in tasks)")
     run_options(demo)
@@ -34,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     run_options(run)
     sub.add_parser("ls", help="list presets, split methods, merge operators and launchers")
+    eval_cli.add_parser(sub)
+    merge_cli.add_parser(sub)
+    split_cli.add_parser(sub)
+    launch_cli.add_parser(sub)
     return p
 
 
@@ -53,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from merit import registry
 
+    if args.command == "eval":
+        return eval_cli.run(args)
+    if args.command == "merge":
+        return merge_cli.run(args)
+    if args.command == "split":
+        return split_cli.run(args)
+    if args.command in launch_cli.COMMANDS:
+        return launch_cli.run(args)
     if args.command == "ls":
         titles = {"model-preset": "model presets", "split": "split methods", "merge": "merge operators",
                   "launcher": "launchers", "compression": "gradient compression"}
@@ -64,7 +82,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from merit.pipeline import run
     from merit.report.table import format_table
 
-    cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, args.overrides)
+    overrides = args.overrides + (["merge.allow_partial=true"] if args.allow_partial else [])
+    cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, overrides)
     out = args.out or Path("runs") / cfg.name
     results = run(cfg, out, until=args.until)
     if results is None:

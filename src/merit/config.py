@@ -24,6 +24,15 @@ class ModelConfig(_Section):
     path: str | None = None
     """A local Hugging Face causal-LM checkpoint folder used as θ(0)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trainable: list[str] | None = None
+    """Regular expressions over in-memory parameter names: only matching parameters are trained (and
+    enter the gradients). Default: all parameters."""
+    frozen: list[str] = []
+    """Regular expressions of parameters to freeze, applied after ``trainable`` (e.g. ``embed_tokens``)."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside the checkpoint folder. Off: only transformers' own architectures."""
+    allow_pickle: bool = False
+    """Load pickled ``.bin`` weights (they can execute code when loaded). Off: safetensors only."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -81,15 +90,48 @@ class PrepareConfig(_Section):
 class GradsConfig(_Section):
     calibration_size: int = Field(200, ge=1)
     """Examples per source for its mean gradient at θ(0) (paper: 200)."""
+    compression: str = "countsketch"
+    """How each mean gradient is compressed before cosines (``merit ls``): ``countsketch`` (default),
+    ``jl``, ``stride`` (the paper's) or ``none``. The default deviates from the paper's stride-5: on
+    SmolLM2-135M it is far more faithful at 0.24% of the bytes (benchmarks/conflict_results.md)."""
     stride: int = Field(5, ge=1)
-    """Keep every ``stride``-th entry of the flattened gradient (paper: 5)."""
+    """With ``compression: stride``: keep every ``stride``-th entry of the flattened gradient (paper: 5)."""
+    sketch_dim: int = Field(65536, ge=1, le=2**30)
+    """With ``countsketch`` / ``jl``: the compressed dimension D (4·D bytes per source). ``jl`` costs
+    O(D × parameters) per source: keep it to a few thousand."""
     batch_size: int = Field(16, ge=1)
 
 
 class SplitConfig(_Section):
     method: str = "pca-median"
+    """How sources become groups (``merit ls``): ``pca-median`` (the paper's), ``pca-median-tokens``,
+    ``kmeans``, ``random`` or ``manual``."""
     r: int = Field(2, ge=1, le=6)
     """Number of PCA axes; K = 2^r groups."""
+    groups: list[list[str]] | None = None
+    """With ``method: manual``: the groups as lists of source names; every source exactly once."""
+
+    @model_validator(mode="after")
+    def _manual_groups(self) -> SplitConfig:
+        if self.method == "manual" and not self.groups:
+            raise ValueError("split.method=manual needs split.groups (lists of source names)")
+        if self.groups is not None:
+            if self.method != "manual":
+                raise ValueError("split.groups is used only with split.method=manual")
+            names = [n for g in self.groups for n in g]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"split.groups: source(s) listed more than once: {', '.join(dup)}")
+            if any(not g for g in self.groups):
+                raise ValueError("split.groups: every group needs at least one source")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 class TrainConfig(_Section):
@@ -103,11 +145,15 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of full weights (PEFT). Branches are merged in weight space."""
 
 
 class MergeConfig(_Section):
     operators: list[str] = ["token-weighted", "uniform"]
     """Merge operators applied to the MERIT branches; the first one is also used for the random baseline."""
+    allow_partial: bool = False
+    """Merge the branches that finished when others failed (weights renormalised, manifest marked partial)."""
 
 
 class BaselinesConfig(_Section):
@@ -121,10 +167,40 @@ class EvalConfig(_Section):
     max_per_source: int | None = Field(50, ge=1)
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1)
+    normalize: Literal["whitespace", "lower"] = "whitespace"
+    """Exact-match normalisation: collapse whitespace (case kept), or also lower-case and drop a final period."""
+    length_normalized: bool = False
+    """Multiple choice: rank choices by mean log-likelihood per token instead of the sum."""
 
 
 class LaunchConfig(_Section):
+    """Where and how branch jobs (and the joint baseline) run; nothing here changes what they compute."""
+
     kind: str = "local"
+    """``local`` (this machine), ``ray`` (Ray tasks) or ``slurm`` (a submitit job array); see ``merit ls``."""
+    workers: int | None = Field(None, ge=1)
+    """Branches at once. local (default 1): 1 runs them one after another in this process, N > 1 in N
+    worker processes; ray / slurm: a cap on tasks in flight (default: no cap)."""
+    cpus_per_branch: int | None = Field(None, ge=1)
+    """CPU cores (torch threads) per branch; default: local cores // workers, ray 1, slurm the cluster's."""
+    gpus_per_branch: float = Field(0, ge=0)
+    """GPUs per branch (Ray ``num_gpus``, Slurm ``gpus_per_node``; local: consecutive GPUs per worker)."""
+    devices: list[str] | None = None
+    """local: the ``CUDA_VISIBLE_DEVICES`` value of each worker, e.g. ``["0", "1"]`` or ``["0,1", "2,3"]``."""
+    address: str | None = None
+    """ray: address of an existing cluster (``auto``, ``ray://head:10001``); none starts a local instance."""
+    slurm: dict[str, Any] = {}
+    """slurm: passed to submitit (``partition``, ``time``, ``gpus_per_node``, ``mem_gb``, ``account``, ...;
+    ``cluster: local`` runs the array on this machine)."""
+    save_steps: int | None = Field(200, ge=1)
+    """Keep a Trainer checkpoint every N steps in ``branches/.<k>.work/`` so a killed branch resumes;
+    null: none. Not part of a branch's key: changing it never retrains a finished branch."""
+
+    @model_validator(mode="after")
+    def _devices_cover_workers(self) -> LaunchConfig:
+        if self.devices is not None and self.workers is not None and len(self.devices) < self.workers:
+            raise ValueError(f"launch.devices lists {len(self.devices)} entries for launch.workers={self.workers}")
+        return self
 
 
 class RunConfig(_Section):

@@ -21,7 +21,7 @@ from merit import artifacts, registry
 from merit.config import RunConfig, dump_config
 from merit.data import mixture as mixture_stage
 from merit.errors import ConfigError
-from merit.models.loading import check_checkpoint, checkpoint_hash, load_model, load_tokenizer
+from merit.models.loading import check_checkpoint, checkpoint_hash, load_for_training, load_model, load_tokenizer
 from merit.split.partition import SplitInputs, token_weights
 
 STAGES = ("theta0", "mixture", "grads", "split", "branches", "merge", "joint", "eval", "report")
@@ -51,6 +51,7 @@ def check(cfg: RunConfig) -> None:
     if cfg.model.preset is not None:
         registry.get("model-preset", cfg.model.preset, field="model.preset")
     registry.get("split", cfg.split.method, field="split.method")
+    registry.get("compression", cfg.grads.compression, field="grads.compression")
     for i, op in enumerate(cfg.merge.operators):
         registry.get("merge", op, field=f"merge.operators[{i}]")
     if not cfg.merge.operators:
@@ -59,7 +60,23 @@ def check(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig, out: Path, until: str | None = None) -> dict | None:
-    """Run (or resume) the whole pipeline in run folder ``out``; the results dict, or None with ``until``."""
+    """Run (or resume) the whole pipeline in run folder ``out``; the results dict, or None with ``until``.
+
+    A branch that fails stops the run before the merge with :class:`merit.launch.base.BranchFailed`
+    (the other branches still finish). With ``merge.allow_partial`` the run goes on with the branches
+    present (renormalised weights, merge manifests marked partial) and raises BranchFailed at the end,
+    so the command still exits non-zero.
+    """
+    failed: list = []
+    results = _run(cfg, out, until, failed)
+    if failed:
+        from merit.launch.base import BranchFailed
+
+        raise BranchFailed(failed, partial=True)
+    return results
+
+
+def _run(cfg: RunConfig, out: Path, until: str | None, failed: list) -> dict | None:
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
     check(cfg)
@@ -90,7 +107,7 @@ def run(cfg: RunConfig, out: Path, until: str | None = None) -> dict | None:
     variants = stage_split(cfg, out, mixture, grads_key, mixture_key)
     if done("split"):
         return None
-    branch_keys = stage_branches(cfg, out, variants, mixture, theta0, theta0_hash)
+    branch_keys = stage_branches(cfg, out, variants, mixture, theta0, theta0_hash, failed)
     if done("branches"):
         return None
     checkpoints = {"base": (theta0, theta0_key)}
@@ -128,10 +145,13 @@ def stage_theta0(cfg: RunConfig, out: Path) -> tuple[Path, str, str]:
         prepare = registry.get("model-preset", cfg.model.preset)
         with artifacts.atomic_dir(stage) as tmp:
             info = prepare(tmp, cfg.prepare, cfg.seed)
-            artifacts.write_manifest(tmp, key, hash=checkpoint_hash(tmp), **info)
+            # A preset either builds θ(0) into the stage folder or points at a cached checkpoint.
+            folder = Path(info["path"]) if "path" in info else tmp
+            artifacts.write_manifest(tmp, key, hash=checkpoint_hash(folder), **info)
     else:
         log("theta0: done (cached)")
-    return stage, artifacts.read_manifest(stage)["hash"], key
+    manifest = artifacts.read_manifest(stage)
+    return Path(manifest.get("path", stage)), manifest["hash"], key
 
 
 def stage_mixture(cfg, out, sources, tokenizer, theta0_key) -> tuple[dict, str]:
@@ -150,52 +170,81 @@ def stage_mixture(cfg, out, sources, tokenizer, theta0_key) -> tuple[dict, str]:
 
 
 def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
-    from merit.conflict.estimate import estimate
+    from merit.conflict import store
+    from merit.conflict.compress import CompressionSpec
+    from merit.conflict.estimate import default_device, estimate
+    from merit.split.partition import validate_manual_groups
 
     stage = out / "grads"
-    key = artifacts.fingerprint("grads", mixture_key, cfg.grads.model_dump(), cfg.model.dtype, cfg.seed)
+    names = [e["name"] for e in mixture["sources"]]
+    if cfg.split.method == "manual":
+        validate_manual_groups(cfg.split.groups, names)  # a typo in split.groups fails before the gradients
+    spec = CompressionSpec(cfg.grads.compression, cfg.grads.stride, cfg.grads.sketch_dim, cfg.seed)
+    # Keyed per source (θ(0) and its tokenizer, the trainable subset, that source's data, the gradient and
+    # compression settings, the seed), not per mixture: a rerun with more sources reuses every stored vector.
+    theta0_manifest = artifacts.read_manifest(out / "theta0")
+    common = artifacts.fingerprint(
+        "grads-source/2", theta0_manifest["key"], theta0_manifest["hash"],
+        artifacts.fingerprint(tokenizer.chat_template, tokenizer.get_vocab()), cfg.model.model_dump(),
+        cfg.train.lora.model_dump() if cfg.train.lora else None, cfg.mixture.max_length,
+        cfg.mixture.max_train_per_source, cfg.grads.calibration_size, cfg.grads.batch_size, spec.settings(), cfg.seed)
+    keys = {e["name"]: artifacts.fingerprint(common, e["name"], e["train_sha256"]) for e in mixture["sources"]}
+    key = artifacts.fingerprint("grads", [keys[n] for n in names])
     if artifacts.is_done(stage, key):
         log("grads: done (cached)")
         return key
-    if artifacts.read_manifest(stage) is not None:
-        artifacts.reset_stage(stage)  # finished for other inputs: start over
-    names = [e["name"] for e in mixture["sources"]]
-    examples = {}
-    for e in mixture["sources"]:
-        examples[e["name"]] = mixture_stage.load_train(mixture, [e["name"]], tokenizer, cfg.mixture)
-    model = load_model(theta0, "float32")
-    log(f"grads: mean gradients of {len(names)} sources at θ(0) "
-        f"(≤{cfg.grads.calibration_size} examples each, stride {cfg.grads.stride})")
-    estimate(model, tokenizer, examples, stage, calibration_size=cfg.grads.calibration_size,
-             stride=cfg.grads.stride, batch_size=cfg.grads.batch_size, seed=cfg.seed, key=key)
+    (stage / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten last, once every source is stored
+    todo = store.pending(stage, keys)
+    stats = {}
+    if todo:
+        examples = {n: mixture_stage.load_train(mixture, [n], tokenizer, cfg.mixture) for n in todo}
+        model = load_for_training(theta0, cfg.model, cfg.train.lora, cfg.seed)
+        device = default_device()
+        log(f"grads: mean gradients of {len(todo)} of {len(names)} sources at θ(0) on {device} "
+            f"(≤{cfg.grads.calibration_size} examples each, compression {cfg.grads.compression})")
+        stats = estimate(model, tokenizer, examples, stage, keys=keys, spec=spec,
+                         calibration_size=cfg.grads.calibration_size, batch_size=cfg.grads.batch_size,
+                         seed=cfg.seed, device=device)
+        del model
+        grad_s = sum(s["gradient_s"] for s in stats.values())
+        comp_s = sum(s["compress_s"] for s in stats.values())
+        if stats and grad_s > 0:
+            log(f"grads: {sum(s['tokens'] for s in stats.values()) / grad_s:.0f} calibration tokens/s; "
+                f"compression took {comp_s / (grad_s + comp_s):.1%} of the time")
+    else:
+        log(f"grads: all {len(names)} sources' gradients are stored; updating the conflict matrix")
+    store.write_store_manifest(stage, key, names, keys, spec.settings(), computed=stats)
     return key
 
 
 def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
-    from merit.conflict.cosine import cosine_matrix
-    from merit.conflict.estimate import load_gradients
+    from merit.conflict.store import load_conflict
+    from merit.report.plots import conflict_heatmap, pca_scatter
     from merit.split.pca import pca_scores
+    from merit.split.proxy import merge_gain_proxy, proxy_share
 
     k = cfg.groups
     main_name = f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{k}"
+    if cfg.split.method == "manual":
+        main_name = f"manual-k{len(cfg.split.groups)}"
     variants = [Variant(main_name, cfg.split.method, out, list(cfg.merge.operators))]
     if cfg.baselines.random and cfg.split.method != "random":
         variants.append(Variant(f"random-k{k}", "random", out / "baselines" / f"random-k{k}",
                                 [cfg.merge.operators[0]]))
 
-    names, grads = load_gradients(out / "grads")
-    conflict = cosine_matrix(grads.numpy())
+    names, conflict = load_conflict(out / "grads")  # C as the grads stage cached it (incrementally)
     scores, explained = pca_scores(conflict, max(cfg.split.r, 2))
     entry = {e["name"]: e for e in mixture["sources"]}
     samples = np.array([entry[n]["samples"] for n in names])
     tokens = np.array([entry[n]["tokens"] for n in names])
     for v in variants:
         stage = v.root / "split"
-        v.key = artifacts.fingerprint("split", v.method, grads_key, cfg.split.r, cfg.seed)
+        manual = [cfg.split.groups] if v.method == "manual" else []
+        v.key = artifacts.fingerprint("split", v.method, grads_key, cfg.split.r, cfg.seed, *manual)
         if not artifacts.is_done(stage, v.key):
             artifacts.reset_stage(stage)
             method = registry.get("split", v.method, field="split.method")
-            groups = method(SplitInputs(conflict, samples, tokens, cfg.split.r, cfg.seed))
+            groups = method(SplitInputs(conflict, samples, tokens, cfg.split.r, cfg.seed, names, cfg.split.groups))
             plan = {
                 "method": v.method,
                 "r": cfg.split.r,
@@ -204,46 +253,89 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
                 "samples": [int(samples[g].sum()) for g in groups],
                 "tokens": [int(tokens[g].sum()) for g in groups],
                 "weights": token_weights(tokens, groups),
+                # merge-gain proxy Σ_k w_k‖ḡ_k − ḡ‖² of unit gradients (merit.split.proxy) and its share
+                "proxy": merge_gain_proxy(conflict, groups, tokens),
+                "proxy_share": proxy_share(conflict, groups, tokens),
             }
             artifacts.write_json(stage / "conflict.json", {"sources": names, "matrix": conflict.tolist()})
             artifacts.write_json(stage / "pca.json", {"sources": names, "scores": scores.tolist(),
                                                       "explained_variance_ratio": explained.tolist()})
             artifacts.write_json(stage / "plan.json", plan)
+            conflict_heatmap(conflict, names, plan["groups"], stage / "conflict.png")
+            pca_scatter(scores, names, plan["groups"], stage / "pca.png")
             artifacts.write_manifest(stage, v.key, groups=len(groups))
         v.plan = artifacts.read_json(stage / "plan.json")
+        proxy = "" if "proxy" not in v.plan else \
+            f", proxy {v.plan['proxy']:.4g} ({v.plan['proxy_share']:.0%} of dispersion)"
         log(f"split: {v.name}: groups of {v.plan['samples']} samples, weights "
-            f"{[round(w, 3) for w in v.plan['weights']]}")
+            f"{[round(w, 3) for w in v.plan['weights']]}{proxy}")
     return variants
 
 
 def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key):
+    """A self-contained job for any launcher: absolute paths (a Ray or Slurm worker has another working
+    folder), the plan group's sources, the config sections that decide the result."""
     from merit.train.branch import BranchJob
 
-    return BranchJob(name=name, out=out_dir, theta0=Path(theta0), theta0_hash=theta0_hash, sources=tuple(sources),
-                     mixture=mixture, mixture_cfg=cfg.mixture, train_cfg=cfg.train, dtype=cfg.model.dtype,
-                     seed=cfg.seed, key=key)
+    mixture = {**mixture, "sources": [{**e, "train": str(Path(e["train"]).absolute()),
+                                       "eval": str(Path(e["eval"]).absolute()) if e.get("eval") else None}
+                                      for e in mixture["sources"]]}
+    return BranchJob(name=name, out=Path(out_dir).absolute(), theta0=Path(theta0).absolute(),
+                     theta0_hash=theta0_hash, sources=tuple(sources), mixture=mixture, mixture_cfg=cfg.mixture,
+                     train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed, key=key,
+                     save_steps=cfg.launch.save_steps)
 
 
-def stage_branches(cfg, out, variants, mixture, theta0, theta0_hash) -> dict[str, list[str]]:
-    from merit.train.branch import run_branch
+def branch_key(cfg, split_key: str, k: int, theta0_hash: str) -> str:
+    """Identity of branch ``k`` of a plan: what decides its weights (never where or how it runs)."""
+    return artifacts.fingerprint("branch", split_key, k, theta0_hash, cfg.train.model_dump(), cfg.model.model_dump())
+
+
+def joint_key(cfg, theta0_key: str, mixture: dict) -> str:
+    return artifacts.fingerprint("joint", theta0_key, mixture["key"], cfg.train.model_dump(), cfg.model.model_dump(),
+                                 cfg.seed)
+
+
+def stage_branches(cfg, out, variants, mixture, theta0, theta0_hash,
+                   failed: list | None = None) -> dict[str, list[str | None]]:
+    """Train every missing branch with the configured launcher; branch keys per variant (None: missing).
+
+    Failed branches are reported while the others finish; then BranchFailed is raised, unless
+    ``merge.allow_partial``, which appends them to ``failed`` and lets the merge go on without them.
+    """
+    from merit.launch.base import BranchFailed, check_branches, launch
 
     jobs, keys = [], {}
     for v in variants:
         keys[v.name] = []
         for k, group in enumerate(v.plan["groups"]):
-            key = artifacts.fingerprint("branch", v.key, k, theta0_hash, cfg.train.model_dump(), cfg.model.dtype)
+            key = branch_key(cfg, v.key, k, theta0_hash)
             keys[v.name].append(key)
             folder = v.root / "branches" / str(k)
             if artifacts.is_done(folder, key):
                 continue
             jobs.append(branch_job(cfg, folder, f"{v.name} branch {k + 1}/{len(v.plan['groups'])}", group,
                                    mixture, theta0, theta0_hash, key))
+    bad = []
     if jobs:
-        log(f"branches: training {len(jobs)} branch(es) with launcher {cfg.launch.kind!r}")
-        launcher = registry.get("launcher", cfg.launch.kind)
-        launcher(jobs, run_branch)
+        workers = f", {cfg.launch.workers} at once" if cfg.launch.workers else ""
+        log(f"branches: training {len(jobs)} branch(es) with launcher {cfg.launch.kind!r}{workers}; "
+            f"logs in branches/<k>.log, progress: merit status {out}")
+        bad = launch(jobs, cfg.launch)
     else:
         log("branches: done (cached)")
+    # Whatever trained them (here, another machine, a copy), the branches must match this run's plan.
+    for v in variants:
+        present = [k for k, key in enumerate(keys[v.name])
+                   if artifacts.is_done(v.root / "branches" / str(k), key)]
+        check_branches([v.root / "branches" / str(k) for k in present], [v.plan["groups"][k] for k in present],
+                       theta0_hash, mixture)
+        keys[v.name] = [key if k in present else None for k, key in enumerate(keys[v.name])]
+    if bad:
+        if not cfg.merge.allow_partial or failed is None:
+            raise BranchFailed(bad)
+        log(f"branches: {len(bad)} failed; merging the others (merge.allow_partial)")
+        failed.extend(bad)
     return keys
 
 
@@ -252,34 +344,62 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
 
     merged = {}
     for v in variants:
-        folders = [v.root / "branches" / str(k) for k in range(len(v.plan["groups"]))]
+        # Missing branches (None keys) only reach here with merge.allow_partial: merge the others with
+        # their token weights renormalised to sum to 1, and mark the result partial.
+        present = [k for k, key in enumerate(branch_keys[v.name]) if key is not None]
+        missing = [k for k, key in enumerate(branch_keys[v.name]) if key is None]
+        if not present:
+            raise ConfigError(f"merge: {v.name}: no branch finished; nothing to merge")
+        folders = [v.root / "branches" / str(k) for k in present]
+        weights = v.plan["weights"]
+        if missing:
+            weights = [weights[k] / sum(weights[j] for j in present) for k in present]
         for op in v.operators:
             target = v.root / "merged" / op
-            key = artifacts.fingerprint("merge", op, branch_keys[v.name], v.plan["weights"])
+            key = artifacts.fingerprint("merge", op, branch_keys[v.name], weights)
             if not artifacts.is_done(target, key):
                 log(f"merge: {v.row(op)} ({op} over {len(folders)} branches)")
-                info = merge_checkpoints(folders, v.plan["weights"], registry.get("merge", op), target)
+                operator = registry.get("merge", op)
+                # Task-vector operators (task-arithmetic, ties, dare) need θ(0): the branch manifests name it.
+                base = Path(artifacts.read_manifest(folders[0])["theta0"]) if operator.needs_base else None
+                if cfg.train.lora is not None:  # adapters: merge the branches' dense B·A updates onto θ(0)
+                    from merit.merge.lora import merge_lora
+
+                    theta0 = Path(artifacts.read_manifest(folders[0])["theta0"])
+                    info = merge_lora(theta0, folders, weights, operator, target)
+                elif len(folders) == 1:  # a partial merge left with one branch (weight 1) is that branch
+                    import shutil
+
+                    with artifacts.atomic_dir(target) as tmp:
+                        shutil.copytree(folders[0], tmp, dirs_exist_ok=True,
+                                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+                    info = {"copied_from": str(folders[0])}
+                else:
+                    info = merge_checkpoints(folders, weights, operator, target, base=base)
                 artifacts.write_manifest(target, key, operator=op, branches=[str(f) for f in folders],
-                                         weights=v.plan["weights"], **info)
+                                         weights=weights, partial=bool(missing), missing=missing, **info)
             merged[v.row(op)] = (target, key)
     return merged
 
 
 def stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key) -> tuple[Path, str]:
-    from merit.train.branch import run_branch
+    """The joint baseline: one job over every source, launched like a branch (log: joint.log)."""
+    from merit.launch.base import BranchFailed, launch
 
     folder = out / "joint"
     names = [e["name"] for e in mixture["sources"]]
-    key = artifacts.fingerprint("joint", theta0_key, mixture["key"], cfg.train.model_dump(), cfg.model.dtype, cfg.seed)
+    key = joint_key(cfg, theta0_key, mixture)
     if not artifacts.is_done(folder, key):
-        log("joint: training the joint baseline on the whole mixture")
-        run_branch(branch_job(cfg, folder, "joint", names, mixture, theta0, theta0_hash, key))
+        log(f"joint: training the joint baseline on the whole mixture with launcher {cfg.launch.kind!r}")
+        bad = launch([branch_job(cfg, folder, "joint", names, mixture, theta0, theta0_hash, key)], cfg.launch)
+        if bad:
+            raise BranchFailed(bad)
     return folder, key
 
 
 def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixture_key) -> dict:
     from merit.data.jsonl import read_examples
-    from merit.evaluate.runner import evaluate_model
+    from merit.evaluate.runner import evaluate_model, load_eval_model
 
     cap = cfg.eval.max_per_source
     sources = {}
@@ -298,17 +418,23 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
             methods[name] = artifacts.read_json(path)["result"]
             continue
         tokenizer = tokenizer or load_tokenizer(folder)
-        model = load_model(folder, cfg.model.dtype)
+        model = load_eval_model(folder, cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         torch.manual_seed(cfg.seed)
-        result = evaluate_model(model, tokenizer, sources, max_length=cfg.mixture.max_length,
-                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                                desc=f"eval {name}")
+        result = evaluate_model(model, tokenizer, sources, eval_settings(cfg), desc=f"eval {name}")
         artifacts.write_json(path, {"key": key, "checkpoint": str(folder), "result": result})
         methods[name] = result
     results = {"methods": {n: {"macro": r["macro"], "loss": r["loss"], "per_source": r["per_source"]}
                            for n, r in methods.items()}}
     artifacts.write_json(out / "results.json", results)
     return results
+
+
+def eval_settings(cfg: RunConfig):
+    from merit.evaluate.runner import EvalSettings
+
+    return EvalSettings(max_length=cfg.mixture.max_length, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens, normalize=cfg.eval.normalize,
+                        length_normalized=cfg.eval.length_normalized)
 
 
 def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:

@@ -57,3 +57,5 @@ def _load_builtins() -> None:
     import merit.split.partition  # noqa: F401
     import merit.conflict.compress  # noqa: F401
     import merit.launch.local  # noqa: F401
+    import merit.launch.ray  # noqa: F401  (imports Ray only when used)
+    import merit.launch.slurm  # noqa: F401  (imports submitit only when used)

@@ -2,23 +2,26 @@
 
 The loss is the one training uses (token-mean cross entropy over assistant tokens), taken over the
 same trainable parameters, accumulated in fp32 in the parameters' own ``.grad`` buffers (no per-example
-gradients), then compressed once per source and saved as it finishes.
+gradients, no flattened copy), then compressed once per source and saved as it finishes, so a killed run
+resumes with the sources not yet done (see ``merit.conflict.store``). Runs on the GPU when there is one.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from merit import artifacts
+from merit.conflict import store
+from merit.conflict.compress import CompressionSpec, compress
 from merit.data.chat import IGNORE, Tokenized
 from merit.models.loading import trainable_parameters
-from merit.registry import get
 
 
 def calibration_sample(examples: list, size: int, seed: int, name: str) -> list:
@@ -54,44 +57,82 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return loss, int((shift_labels != IGNORE).sum())
 
 
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gradient_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross entropy over label positions.
+
+    Same value as ``summed_token_loss``, but the labels are shifted instead of the logits, so the
+    (B, L, V) logits are not copied (as transformers' own causal-LM loss does).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, L): position i predicts token i+1
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
 def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int) -> list[tuple[str, torch.Tensor]]:
-    """The gradient of the token-mean loss over ``examples``, per trainable parameter (fp32)."""
+    """The gradient of the token-mean loss over ``examples``, per trainable parameter (fp32, on the model's device).
+
+    Each micro-batch adds (its summed loss / all label tokens) to the ``.grad`` buffers, so the result is
+    the mean over every label token of the sample whatever the batch size.
+    """
     params = trainable_parameters(model)
+    device = params[0][1].device
     for _, p in params:
         p.grad = None
     total = sum(sum(1 for x in t.labels[1:] if x != IGNORE) for t in examples)
+    if total == 0:
+        raise ValueError("no label tokens in the calibration sample")
     model.eval()  # no dropout: the gradient of the model as it stands
     for i in range(0, len(examples), batch_size):
-        loss, _ = summed_token_loss(model, pad_batch(examples[i : i + batch_size], pad_id))
-        (loss / total).backward()
+        batch = {k: v.to(device) for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()}
+        (gradient_loss(model, batch) / total).backward()
     grads = [(n, p.grad.detach().float()) for n, p in params]
     for _, p in params:
         p.grad = None
     return grads
 
 
-def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *, calibration_size: int,
-             stride: int, batch_size: int, seed: int, key: str) -> dict:
-    """Run the gradients stage into ``out``; a source whose file exists from an interrupted run is reused."""
+def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *, keys: dict[str, str],
+             spec: CompressionSpec, calibration_size: int, batch_size: int, seed: int,
+             device: str | torch.device | None = None) -> dict[str, dict]:
+    """Compute, compress and store the mean gradient of each source in ``sources``.
+
+    A source whose stored vector already carries its key (``keys[name]``) is skipped: that is how an
+    interrupted run resumes. Each vector is written as soon as it is done.
+
+    Returns:
+        For each source computed here: calibration examples and tokens, and seconds spent on the
+        gradient and on compressing it.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    compress = get("compression", "stride")
-    if model.dtype != torch.float32:
-        model.float()  # fp32 accumulation
-    entries = []
-    for name, examples in tqdm(sources.items(), desc="gradients", unit="source"):
-        path = out / f"{name}.safetensors"
-        calib = calibration_sample(examples, calibration_size, seed, name)
-        if not path.exists():
-            grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id)
-            vec = compress((g for _, g in grads), stride=stride)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"g": vec.contiguous()}, str(tmp), metadata={"source": name, "key": key})
-            tmp.replace(path)
-        vec = load_file(str(path))["g"]
-        entries.append({"name": name, "file": path.name, "calibration": len(calib), "norm": float(vec.norm())})
-    dim = int(load_file(str(out / entries[0]["file"]))["g"].numel())
-    return artifacts.write_manifest(out, key, compression="stride", stride=stride, dim=dim, sources=entries)
+    todo = [n for n in sources if store.stored_key(out, n) != keys[n]]
+    stats: dict[str, dict] = {}
+    if not todo:
+        return stats
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device=device, dtype=torch.float32)  # fp32 accumulation
+    cache = {} if device.type == "cuda" else None  # count-sketch buckets stay on the GPU between sources
+    for name in tqdm(todo, desc="gradients", unit="source"):
+        calib = calibration_sample(sources[name], calibration_size, seed, name)
+        t0 = time.perf_counter()
+        grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        vec = compress(grads, spec, cache=cache).cpu()
+        t2 = time.perf_counter()
+        del grads
+        tokens = sum(len(t.input_ids) for t in calib)
+        store.save_vector(out, name, vec, keys[name], calibration=len(calib), tokens=tokens, norm=float(vec.norm()))
+        stats[name] = {"calibration": len(calib), "tokens": tokens, "gradient_s": round(t1 - t0, 3),
+                       "compress_s": round(t2 - t1, 3)}
+    return stats
 
 
 def load_gradients(grads_dir: Path) -> tuple[list[str], torch.Tensor]:

@@ -1,62 +1,151 @@
-"""Held-out evaluation of one checkpoint: per-source exact match (greedy generation) and mean loss."""
+"""Held-out evaluation of one checkpoint.
+
+Per source: multiple-choice examples (``choices`` + ``answer_index``) are scored by the
+log-likelihood of each choice after the prompt; the others by exact match of a greedy generation
+against any of their ``targets``. Every source also gets the token-mean assistant loss. The
+per-source score is MC accuracy or exact match; the macro score is their mean over sources.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from merit.conflict.estimate import pad_batch, summed_token_loss
-from merit.data.chat import Tokenized, generation_prompt, tokenize_conversation
-from merit.evaluate.scoring import exact_match, targets_of
+from merit.data.chat import IGNORE, Tokenized, generation_prompt, tokenize_conversation
+from merit.evaluate.scoring import exact_match, is_multiple_choice, pick_choice, targets_of
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_length: int = 256
+    batch_size: int = 32
+    max_new_tokens: int = 24
+    normalize: str = "whitespace"
+    length_normalized: bool = False
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def evaluate_source(model, tokenizer, examples: list[dict], *, max_length: int, batch_size: int,
-                    max_new_tokens: int) -> dict:
-    """Exact match and token-mean assistant loss of ``model`` on one source's eval examples."""
-    # Loss: teacher-forced, assistant tokens only, as in training.
-    toks = [tokenize_conversation(tokenizer, ex["messages"], max_length) for ex in examples]
-    toks = [t for t in toks if t.loss_tokens > 0]
-    loss_sum, count = 0.0, 0
-    for i in range(0, len(toks), batch_size):
-        loss, n = summed_token_loss(model, pad_batch(toks[i : i + batch_size], tokenizer.pad_token_id))
-        loss_sum, count = loss_sum + float(loss), count + n
+def assistant_loss(model, tokenizer, examples: list[dict], s: EvalSettings) -> tuple[float, int]:
+    """Sum of assistant-token cross entropy (teacher forced, as in training) and the token count."""
+    toks = [tokenize_conversation(tokenizer, ex["messages"], s.max_length) for ex in examples]
+    toks = sorted((t for t in toks if t.loss_tokens > 0), key=lambda t: len(t.input_ids))
+    total, count = 0.0, 0
+    for i in range(0, len(toks), s.batch_size):
+        loss, n = summed_token_loss(model, _to(pad_batch(toks[i : i + s.batch_size], tokenizer.pad_token_id),
+                                               _device(model)))
+        total, count = total + float(loss), count + n
+    return total, count
 
-    # Exact match: greedy continuation of the prompt up to the last assistant turn.
-    prompts, targets = [], []
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, examples: list[dict], s: EvalSettings) -> list[tuple[list[float], list[int]]]:
+    """Per example: the summed log-probability of each choice's tokens after the prompt, and their counts."""
+    rows = []  # (example index, Tokenized with labels on the choice tokens only)
+    for i, ex in enumerate(examples):
+        prompt, _ = generation_prompt(tokenizer, ex["messages"])
+        for choice in ex["choices"]:
+            ids = tokenizer(str(choice), add_special_tokens=False)["input_ids"]
+            seq = (prompt + ids)[-s.max_length :]
+            n = min(len(ids), len(seq) - 1)
+            rows.append((i, Tokenized(seq, [IGNORE] * (len(seq) - n) + seq[len(seq) - n :], False)))
+    sums = [0.0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j][1].input_ids))  # similar lengths share a batch
+    for b in range(0, len(order), s.batch_size):
+        idx = order[b : b + s.batch_size]
+        batch = _to(pad_batch([rows[j][1] for j in idx], tokenizer.pad_token_id), _device(model))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, L-1)
+        per_row = (logp * (labels != IGNORE)).sum(dim=1)
+        for j, v in zip(idx, per_row.tolist()):
+            sums[j] = v
+    out = [([], []) for _ in examples]
+    for (i, t), v in zip(rows, sums):
+        out[i][0].append(v)
+        out[i][1].append(t.loss_tokens)
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples: list[dict], s: EvalSettings, batch_size: int | None = None) -> list[str]:
+    """Greedy continuations of each example's prompt (up to its last assistant turn), batched with left padding."""
+    batch_size = batch_size or s.batch_size
+    prompts = []
     for ex in examples:
-        ids, ref = generation_prompt(tokenizer, ex["messages"])
-        prompts.append(Tokenized(ids[-max_length:], ids[-max_length:], False))
-        targets.append(targets_of(ex, ref))
-    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ts in targets for t in ts)
-    new_tokens = min(max_new_tokens, longest + 2)
-    hits = 0.0
-    for i in range(0, len(prompts), batch_size):
-        batch = pad_batch(prompts[i : i + batch_size], tokenizer.pad_token_id, left=True)
-        out = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += sum(exact_match(p, t) for p, t in zip(texts, targets[i : i + batch_size]))
-    return {"exact_match": hits / len(examples), "loss": loss_sum / max(count, 1), "n": len(examples)}
+        ids, _ = generation_prompt(tokenizer, ex["messages"])
+        ids = ids[-s.max_length :]
+        prompts.append(Tokenized(ids, ids, False))
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                  for ex in examples for t in targets_of(ex, generation_prompt(tokenizer, ex["messages"])[1]))
+    new_tokens = min(s.max_new_tokens, longest + 2)  # no need to generate far past the longest answer
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    texts = [""] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        batch = _to(pad_batch([prompts[i] for i in idx], tokenizer.pad_token_id, left=True), _device(model))
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(idx, decoded):
+            texts[i] = text
+    return texts
 
 
-def evaluate_model(model, tokenizer, sources: dict[str, list[dict]], *, max_length: int, batch_size: int,
-                   max_new_tokens: int, desc: str = "eval") -> dict:
-    """Per-source scores plus the macro exact match and the macro mean loss over sources."""
+def evaluate_source(model, tokenizer, examples: list[dict], s: EvalSettings) -> dict:
+    mc = [ex for ex in examples if is_multiple_choice(ex)]
+    gen = [ex for ex in examples if not is_multiple_choice(ex)]
+    correct = 0.0
+    if mc:
+        for ex, (sums, lengths) in zip(mc, choice_logprobs(model, tokenizer, mc, s)):
+            correct += pick_choice(sums, lengths, s.length_normalized) == ex["answer_index"]
+    if gen:
+        for ex, text in zip(gen, generate(model, tokenizer, gen, s)):
+            correct += exact_match(text, targets_of(ex, generation_prompt(tokenizer, ex["messages"])[1]), s.normalize)
+    loss, count = assistant_loss(model, tokenizer, examples, s)
+    metric = "mc_accuracy" if len(mc) >= len(gen) else "exact_match"
+    return {"score": correct / len(examples), "metric": metric, "loss": loss / max(count, 1), "n": len(examples)}
+
+
+def evaluate_model(model, tokenizer, sources: dict[str, list[dict]], settings: EvalSettings, desc: str = "eval") -> dict:
+    """Per-source scores plus the macro score and the macro mean loss over sources."""
     model.eval()
     per = {}
     for name, examples in tqdm(sources.items(), desc=desc, unit="source"):
-        per[name] = evaluate_source(model, tokenizer, examples, max_length=max_length, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens)
+        per[name] = evaluate_source(model, tokenizer, examples, settings)
     return {
-        "macro": sum(v["exact_match"] for v in per.values()) / len(per),
+        "macro": sum(v["score"] for v in per.values()) / len(per),
         "loss": sum(v["loss"] for v in per.values()) / len(per),
-        "per_source": {k: v["exact_match"] for k, v in per.items()},
+        "per_source": {k: v["score"] for k, v in per.items()},
         "per_source_loss": {k: v["loss"] for k, v in per.items()},
+        "metrics": {k: v["metric"] for k, v in per.items()},
     }
+
+
+def load_eval_model(folder, dtype: str = "float32", **kw):
+    """A dense model from a checkpoint folder, or from a LoRA adapter folder on top of its base."""
+    from pathlib import Path
+
+    from merit.merge.lora import is_adapter
+    from merit.models.loading import load_model
+
+    if not is_adapter(Path(folder)):
+        return load_model(folder, dtype, **kw)
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return PeftModel.from_pretrained(load_model(base, dtype, **kw), folder).merge_and_unload()

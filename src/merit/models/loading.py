@@ -1,8 +1,10 @@
-"""Loading θ(0) and its tokenizer from a local Hugging Face checkpoint folder."""
+"""Loading θ(0) and its tokenizer from a local Hugging Face checkpoint folder, and choosing the
+trainable-parameter subset that gradient estimation and training share."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -13,17 +15,22 @@ from merit.errors import MeritError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_checkpoint(folder: str | Path) -> Path:
+def check_checkpoint(folder: str | Path, allow_pickle: bool = False) -> Path:
+    """The folder, if it is a checkpoint merit may load; a one-line MeritError saying what to do otherwise."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise MeritError(f"{folder}: not a Hugging Face checkpoint folder (no config.json)")
     if not any(folder.glob("*.safetensors")):
-        raise MeritError(f"{folder}: no .safetensors weights (pickled .bin weights are not loaded)")
+        if any(folder.glob("*.bin")) and not allow_pickle:
+            raise MeritError(f"{folder}: weights are pickled (.bin), which can run code when loaded; convert them "
+                             "to safetensors or set model.allow_pickle: true if you trust the source")
+        if not any(folder.glob("*.bin")):
+            raise MeritError(f"{folder}: no weight files (.safetensors)")
     return folder
 
 
-def load_tokenizer(folder: str | Path):
-    tok = AutoTokenizer.from_pretrained(check_checkpoint(folder))
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(check_checkpoint(folder, allow_pickle=True), trust_remote_code=trust_remote_code)
     if tok.chat_template is None:
         raise MeritError(f"{folder}: the tokenizer has no chat template; merit tokenizes with the model's template")
     if tok.pad_token is None:
@@ -31,14 +38,19 @@ def load_tokenizer(folder: str | Path):
     return tok
 
 
-def load_model(folder: str | Path, dtype: str = "float32"):
-    return AutoModelForCausalLM.from_pretrained(check_checkpoint(folder), dtype=DTYPES[dtype], use_safetensors=True)
+def load_model(folder: str | Path, dtype: str = "float32", *, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
+    folder = check_checkpoint(folder, allow_pickle)
+    safetensors = any(folder.glob("*.safetensors"))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=safetensors,
+                                                trust_remote_code=trust_remote_code)
 
 
 def checkpoint_hash(folder: str | Path) -> str:
     """sha256 over the weight files' bytes (sorted by name): the identity of θ(0) in every manifest."""
     h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             while block := fh.read(1 << 22):
@@ -46,10 +58,40 @@ def checkpoint_hash(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters that both gradient estimation and training update, in iteration order.
+def select_trainable(model, trainable: list[str] | None = None, frozen: list[str] = ()) -> int:
+    """Set ``requires_grad`` by name patterns (regular expressions, ``re.search`` on in-memory names).
 
-    Today every parameter is trainable; the seam for name-pattern subsets (frozen embeddings,
-    language-model-only VLMs) is here so that gradients and training always agree.
+    Returns the number of trainable parameters. Raises MeritError when nothing is left to train.
     """
+    keep = [re.compile(p) for p in trainable] if trainable else None
+    drop = [re.compile(p) for p in frozen]
+    count = 0
+    for name, p in model.named_parameters():
+        on = (keep is None or any(k.search(name) for k in keep)) and not any(d.search(name) for d in drop)
+        p.requires_grad_(on)
+        count += p.numel() if on else 0
+    if count == 0:
+        raise MeritError(f"model.trainable / model.frozen leave no parameter to train (patterns {trainable} / {list(frozen)})")
+    return count
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that both gradient estimation and training update, in iteration order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def load_for_training(folder: str | Path, model_cfg, lora_cfg=None, seed: int = 0):
+    """θ(0) with the trainable subset applied — the one entry point for gradients and for training, so
+    both see exactly the same parameters and loss. With ``lora_cfg`` the model is wrapped in PEFT LoRA
+    adapters initialised from ``seed`` (the gradient is then over the adapters, as training is)."""
+    model = load_model(folder, model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       allow_pickle=model_cfg.allow_pickle)
+    if lora_cfg is None:
+        select_trainable(model, model_cfg.trainable, model_cfg.frozen)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # same adapter initialisation for the gradients and every branch
+    peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)

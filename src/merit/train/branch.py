@@ -7,17 +7,23 @@ files are. The joint baseline is the same job over every source.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
+import socket
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from merit import artifacts
-from merit.config import MixtureConfig, TrainConfig
+from merit.config import MixtureConfig, ModelConfig, TrainConfig
 from merit.data.mixture import load_train
-from merit.models.loading import load_model, load_tokenizer
-from merit.train.trainer import train
+from merit.errors import MeritError
+from merit.models.loading import load_for_training, load_tokenizer
+from merit.train.trainer import last_checkpoint, train
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,24 @@ class BranchJob:
     mixture: dict  # the mixture manifest
     mixture_cfg: MixtureConfig
     train_cfg: TrainConfig
-    dtype: str
+    model_cfg: ModelConfig
     seed: int
     key: str
+    save_steps: int | None = None  # Trainer checkpoint every N steps in ``work`` (resume); None: no checkpoints
+
+    @property
+    def log(self) -> Path:
+        """One log file per job, beside its folder: ``branches/<k>.log``, ``joint.log``."""
+        from merit.launch.status import log_path
+
+        return log_path(self.out)
+
+    @property
+    def work(self) -> Path:
+        """Scratch folder for Trainer checkpoints, stable across attempts: ``branches/.<k>.work``."""
+        from merit.launch.status import work_path
+
+        return work_path(self.out)
 
 
 def data_hash(mixture: dict, sources: tuple[str, ...]) -> str:
@@ -44,27 +65,127 @@ def data_hash(mixture: dict, sources: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
-def run_branch(job: BranchJob) -> dict:
-    """Train one branch from θ(0) and write its folder (checkpoint + manifest) in one rename."""
+def prepare_work(job: BranchJob) -> Path:
+    """The job's scratch folder, emptied first when it holds checkpoints of other inputs (another key)."""
+    spec = job.work / "job.json"
+    if job.work.exists():
+        try:
+            same = artifacts.read_json(spec).get("key") == job.key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(job.work)
+    job.work.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(spec, {"key": job.key, "name": job.name, "sources": list(job.sources)})
+    # A kill during the final save leaves a half-written ``.<k>.tmp-*`` sibling; it is never resumed from.
+    for stale in job.out.parent.glob(f".{job.out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return job.work
+
+
+def hardware() -> dict:
+    """Where a branch ran, for its manifest."""
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+class _JobLog:
+    """Appends timestamped lines to the job's log file and keeps its status file current (throttled)."""
+
+    def __init__(self, job: BranchJob):
+        from merit.launch import status
+
+        self.job, self.status = job, status
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(job.log, "a", buffering=1)
+        self.last_status = 0.0
+
+    def line(self, text: str) -> None:
+        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def step(self, info: dict) -> None:
+        if "loss" in info:
+            extras = "  ".join(f"{k} {info[k]:.4g}" for k in ("loss", "learning_rate", "grad_norm") if k in info)
+            self.line(f"step {info['step']}/{info['max_steps']}  {extras}")
+        # Rewriting a JSON file every step would cost more than a tiny model's step: at most once a second.
+        if time.time() - self.last_status > 1.0 or info["step"] == info["max_steps"]:
+            self.status.write_status(self.job.out, **info)
+            self.last_status = time.time()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = None) -> dict:
+    """Train one branch from θ(0) and write its folder (checkpoint + manifest) in one rename.
+
+    Resumable: Trainer checkpoints go to ``job.work`` every ``job.save_steps`` steps and a rerun continues
+    from the newest. The job's log (``job.log``) and status file record start, progress, end or failure,
+    whichever launcher runs it; a failure is recorded and re-raised.
+    """
+    from merit.launch import status
+
     if artifacts.is_done(job.out, job.key):
         return artifacts.read_manifest(job.out)
-    tokenizer = load_tokenizer(job.theta0)
-    model = load_model(job.theta0, job.dtype)
-    examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
-    stats = train(model, tokenizer, examples, job.train_cfg, job.seed, desc=job.name)
-    with artifacts.atomic_dir(job.out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        manifest = artifacts.write_manifest(
-            tmp,
-            job.key,
-            name=job.name,
-            sources=list(job.sources),
-            theta0=str(job.theta0),
-            theta0_hash=job.theta0_hash,
-            data_hash=data_hash(job.mixture, job.sources),
-            hardware={"device": "cuda" if torch.cuda.is_available() else "cpu", "host": platform.node(),
-                      "torch": torch.__version__},
-            **stats,
-        )
+    state, st = status.job_state(job.out)
+    if state == "running" and st.get("host") == socket.gethostname() and st.get("pid") != os.getpid():
+        # Two copies of one branch would write the same checkpoints; a dead process shows as "failed".
+        raise MeritError(f"{job.name} is already running (pid {st.get('pid')}; log: {job.log}); "
+                         "wait for it or stop it first")
+    started = time.time()
+    status.mark_started(job.out, job.name, launcher)
+    log = _JobLog(job)
+    try:
+        log.line(f"start {job.name}: {len(job.sources)} source(s), pid {os.getpid()} on {socket.gethostname()}"
+                 f"{f' ({launcher})' if launcher else ''}, {torch.get_num_threads()} torch thread(s)")
+        work = prepare_work(job)
+        resume = last_checkpoint(work)
+        if resume is not None:
+            log.line(f"resuming from the checkpoint at step {resume.name.split('-')[-1]} ({resume})")
+        tokenizer = load_tokenizer(job.theta0)
+        model = load_for_training(job.theta0, job.model_cfg, job.train_cfg.lora, job.seed)
+        examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
+        stats = train(model, tokenizer, examples, job.train_cfg, job.seed, desc=job.name, work_dir=work,
+                      save_steps=job.save_steps, progress=progress, report=log.step)
+        with artifacts.atomic_dir(job.out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            manifest = artifacts.write_manifest(
+                tmp,
+                job.key,
+                name=job.name,
+                sources=list(job.sources),
+                theta0=str(job.theta0),
+                theta0_hash=job.theta0_hash,
+                data_hash=data_hash(job.mixture, job.sources),
+                hardware=hardware(),
+                started=started,
+                finished=time.time(),
+                duration_s=round(time.time() - started, 2),
+                **stats,
+            )
+    except BaseException as e:
+        log.line("failed:\n" + traceback.format_exc())
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}".splitlines()[0]
+        status.write_status(job.out, state="failed", error=reason, finished=time.time())
+        log.close()
+        raise
+    # The checkpoints served their purpose; a finished branch is its folder + manifest.
+    shutil.rmtree(job.work, ignore_errors=True)
+    log.line(f"done in {manifest['duration_s']} s: {manifest['steps']} steps, train loss {manifest['train_loss']:.4f}")
+    log.close()
+    status.write_status(job.out, state="done", finished=time.time(), error=None)
     return manifest

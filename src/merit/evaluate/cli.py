@@ -1,0 +1,60 @@
+"""``merit eval CHECKPOINT --mixture DIR``: score any checkpoint (or LoRA adapter) on held-out splits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from merit.errors import MeritError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the eval splits of a mixture folder")
+    p.add_argument("checkpoint", type=Path, help="HF checkpoint folder or LoRA adapter folder")
+    p.add_argument("--mixture", type=Path, required=True, help="folder with eval/<source>.jsonl")
+    p.add_argument("--include", nargs="+", metavar="SOURCE", help="only these sources")
+    p.add_argument("--max-per-source", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--normalize", choices=["whitespace", "lower"], default="whitespace")
+    p.add_argument("--length-normalized", action="store_true", help="rank MC choices by mean log-prob per token")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", type=Path, help="write the scores as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from merit import artifacts
+    from merit.data.jsonl import read_examples
+    from merit.evaluate.runner import EvalSettings, evaluate_model, load_eval_model
+    from merit.merge.lora import is_adapter
+    from merit.models.loading import load_tokenizer
+
+    folder = args.mixture / "eval"
+    if not folder.is_dir():
+        raise MeritError(f"{args.mixture}: --mixture needs an eval/ folder of <source>.jsonl files")
+    names = sorted(p.stem for p in folder.glob("*.jsonl"))
+    if args.include:
+        missing = [n for n in args.include if n not in names]
+        if missing:
+            raise MeritError(f"--include: {missing} not in {folder}")
+        names = args.include
+    if not names:
+        raise MeritError(f"{folder}: no .jsonl files")
+    sources = {n: read_examples(folder / f"{n}.jsonl", args.max_per_source) for n in names}
+    tok_dir = args.checkpoint
+    if is_adapter(args.checkpoint):
+        tok_dir = json.loads((args.checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer = load_tokenizer(tok_dir)
+    model = load_eval_model(args.checkpoint, args.dtype)
+    settings = EvalSettings(args.max_length, args.batch_size, args.max_new_tokens, args.normalize,
+                            args.length_normalized)
+    result = evaluate_model(model, tokenizer, sources, settings, desc=f"eval {args.checkpoint.name}")
+    width = max(len(n) for n in names)
+    for n in names:
+        print(f"{n:<{width}}  {result['metrics'][n]:<11}  {result['per_source'][n]:.4f}  loss {result['per_source_loss'][n]:.4f}")
+    print(f"{'macro':<{width}}  {'':<11}  {result['macro']:.4f}  loss {result['loss']:.4f}")
+    if args.out:
+        artifacts.write_json(args.out, {"checkpoint": str(args.checkpoint), "result": result})
+    return 0

@@ -1,0 +1,120 @@
+"""Gradient compressors (merit.conflict.compress): unbiased inner products, determinism, batching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from merit.conflict import compress as C
+from merit.conflict.compress import CompressionSpec, compress
+from merit.errors import ConfigError
+
+
+def _pair(n: int = 3000, rho: float = 0.6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    y = rho * x + math.sqrt(1 - rho**2) * torch.randn(n, generator=g)
+    return x, y
+
+
+def _named(v: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    # three tensors of different shapes, so per-tensor seeding and offsets are exercised
+    return [("emb.weight", v[:1200].reshape(40, 30)), ("norm.weight", v[1200:1250]), ("head.weight", v[1250:])]
+
+
+@pytest.mark.parametrize("method,dim,trials", [("countsketch", 128, 300), ("jl", 64, 120)])
+def test_sketch_inner_products_are_unbiased(method, dim, trials):
+    """E<Sx, Sy> = <x, y>. Tolerance: 5 standard errors of the mean over ``trials`` seeds, with the
+    single-sketch variance bounded by (|x|²|y|² + <x,y>²)/D (both sketches)."""
+    x, y = _pair()
+    exact = float(x @ y)
+    est = []
+    for seed in range(trials):
+        spec = CompressionSpec(method, sketch_dim=dim, seed=seed)
+        est.append(float(compress(_named(x), spec) @ compress(_named(y), spec)))
+    sd = math.sqrt((float(x @ x) * float(y @ y) + exact**2) / dim)
+    tol = 5 * sd / math.sqrt(trials)
+    assert abs(np.mean(est) - exact) < tol, (np.mean(est), exact, tol)
+    # and it is a real estimator, not the exact value: single sketches scatter around it
+    assert np.std(est) > 0.2 * sd
+
+
+def test_countsketch_norm_is_preserved_in_expectation():
+    x, _ = _pair()
+    sq = [float(compress(_named(x), CompressionSpec("countsketch", sketch_dim=256, seed=s)).pow(2).sum())
+          for s in range(200)]
+    assert np.mean(sq) == pytest.approx(float(x @ x), rel=0.03)
+
+
+@pytest.mark.parametrize("method", ["countsketch", "jl", "stride", "none"])
+def test_same_seed_same_vector_and_batched_rows_equal_single(method):
+    spec = CompressionSpec(method, stride=3, sketch_dim=32, seed=7)
+    a = torch.randn(4, 6, 5)
+    b = torch.randn(4, 9)
+    batched = compress([("a", a), ("b", b)], spec, batched=True)
+    single = torch.stack([compress([("a", a[i]), ("b", b[i])], spec) for i in range(4)])
+    again = torch.stack([compress([("a", a[i]), ("b", b[i])], spec) for i in range(4)])
+    assert torch.equal(single, again)
+    # jl: a (D, c)·(c, B) product against a matrix-vector product differs only by float rounding
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+    assert batched.shape == (4, spec.output_dim(6 * 5 + 9))
+
+
+def test_seed_and_names_change_the_sketch():
+    x, _ = _pair(n=2000)
+    base = compress(_named(x), CompressionSpec("countsketch", sketch_dim=64, seed=0))
+    assert not torch.equal(base, compress(_named(x), CompressionSpec("countsketch", sketch_dim=64, seed=1)))
+    renamed = [(n + ".x", t) for n, t in _named(x)]
+    assert not torch.equal(base, compress(renamed, CompressionSpec("countsketch", sketch_dim=64, seed=0)))
+
+
+def test_countsketch_stream_is_pinned():
+    """Stored vectors are reused across runs by key; a change in how buckets are drawn must bump
+    METHODS_VERSION. These values were computed once with the current implementation."""
+    x = [("layer.weight", torch.arange(1.0, 9.0).reshape(2, 4)), ("layer.bias", torch.tensor([10.0, -20.0]))]
+    assert compress(x, CompressionSpec("countsketch", sketch_dim=4, seed=0)).tolist() == [-5.0, 10.0, 15.0, 6.0]
+    assert compress(x, CompressionSpec("jl", sketch_dim=4, seed=0)).tolist() == [-8.0, 21.0, 3.0, 10.0]
+
+
+def test_colliding_tensor_seeds_get_distinct_generators(monkeypatch):
+    monkeypatch.setattr(C, "tensor_seed", lambda name, seed: 42)
+    seeded = C._Seeded(0)
+    a = torch.randint(0, 1 << 20, (8,), generator=seeded.generator("a"))
+    b = torch.randint(0, 1 << 20, (8,), generator=seeded.generator("b"))
+    assert not torch.equal(a, b)
+
+
+def test_countsketch_is_exact_when_entries_do_not_collide():
+    # one non-zero entry: the sketch holds it with a sign, so its norm is exact
+    v = torch.zeros(500)
+    v[123] = 3.0
+    s = compress([("w", v)], CompressionSpec("countsketch", sketch_dim=64, seed=0))
+    assert float(s.abs().max()) == 3.0 and int((s != 0).sum()) == 1
+
+
+def test_settings_hold_only_what_the_method_uses():
+    assert CompressionSpec("stride", stride=5, sketch_dim=9).settings() == {"method": "stride", "stride": 5}
+    cs = CompressionSpec("countsketch", stride=9, sketch_dim=1024, seed=3).settings()
+    assert cs["dim"] == 1024 and cs["seed"] == 3 and "stride" not in cs
+    assert CompressionSpec("stride", stride=5).output_dim(11) == 3
+    assert CompressionSpec("countsketch", sketch_dim=8).output_dim(10**9) == 8
+
+
+def test_unknown_compression_lists_known_names():
+    with pytest.raises(ConfigError, match="grads.compression: unknown compression 'zip'; known: countsketch"):
+        compress([("w", torch.ones(3))], CompressionSpec("zip"))
+
+
+def test_countsketch_bucket_cache_gives_the_same_sketch():
+    x, y = _pair(n=2000)
+    spec = CompressionSpec("countsketch", sketch_dim=64, seed=2)
+    cache: dict = {}
+    first = compress(_named(x), spec, cache=cache)
+    assert len(cache) == 3
+    assert torch.equal(first, compress(_named(x), spec))
+    assert torch.equal(compress(_named(y), spec, cache=cache), compress(_named(y), spec))
+    other = CompressionSpec("countsketch", sketch_dim=64, seed=3)  # other settings: not served from the cache
+    assert torch.equal(compress(_named(y), other, cache=cache), compress(_named(y), other))

@@ -1,0 +1,175 @@
+"""Incremental cosines, the per-source gradient store, and resume of gradient estimation (tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from merit.conflict import estimate as estimate_mod
+from merit.conflict import store
+from merit.conflict.compress import CompressionSpec
+from merit.conflict.cosine import cosine_matrix, extend_cosine, unit_rows
+from merit.data.chat import IGNORE, Tokenized
+
+# ------------------------------------------------------------------------------------------ cosines
+
+
+@pytest.mark.parametrize("t_old", [1, 3, 4, 7, 8, 10])
+def test_extend_cosine_is_bitwise_equal_to_from_scratch(t_old):
+    g = np.random.default_rng(0).standard_normal((11, 50)).astype(np.float32)
+    scratch = cosine_matrix(g, tile=4)  # tile 4: several tiles, a padded last one
+    c, unit = extend_cosine(cosine_matrix(g[:t_old], tile=4), unit_rows(g[:t_old]), g[t_old:], tile=4)
+    np.testing.assert_array_equal(c, scratch)
+    np.testing.assert_array_equal(unit, unit_rows(g))
+    # and it is the cosine matrix
+    u = g / np.linalg.norm(g.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(scratch, u @ u.T, atol=1e-12)
+
+
+def test_extend_cosine_rejects_mismatched_inputs():
+    g = np.random.default_rng(1).standard_normal((4, 6))
+    with pytest.raises(ValueError, match="dims"):
+        extend_cosine(cosine_matrix(g), unit_rows(g), np.ones((1, 5)))
+    with pytest.raises(ValueError, match="does not match"):
+        extend_cosine(cosine_matrix(g), unit_rows(g[:3]), np.ones((1, 6)))
+    with pytest.raises(ValueError, match="row"):
+        extend_cosine(cosine_matrix(g), unit_rows(g), np.zeros((1, 6)))
+
+
+# ------------------------------------------------------------------------------------------ store
+
+
+def _save(folder, vectors: dict[str, np.ndarray]) -> dict[str, str]:
+    keys = {}
+    for name, v in vectors.items():
+        keys[name] = f"key-{name}"
+        store.save_vector(folder, name, torch.from_numpy(v), keys[name])
+    return keys
+
+
+def test_cosine_cache_extends_with_only_the_new_sources(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    vecs = {f"s{i}": rng.standard_normal(40).astype(np.float32) for i in range(7)}
+    keys = _save(tmp_path, vecs)
+    names = list(vecs)
+    first = store.update_cosine(tmp_path, names[:4], keys)
+    np.testing.assert_array_equal(first, cosine_matrix(np.stack([vecs[n] for n in names[:4]])))
+
+    seen = []
+    real = store.extend_cosine
+
+    def spy(c_old, unit_old, g_new, **kw):
+        seen.append((len(c_old), len(g_new)))
+        return real(c_old, unit_old, g_new, **kw)
+
+    monkeypatch.setattr(store, "extend_cosine", spy)
+    both = store.update_cosine(tmp_path, names, keys)
+    assert seen == [(4, 3)]  # the 4 cached rows are reused; only 3 new rows are computed
+    np.testing.assert_array_equal(both, cosine_matrix(np.stack([vecs[n] for n in names])))
+
+    # another order of the same sources: the same cache, permuted, nothing recomputed
+    seen.clear()
+    order = names[::-1]
+    permuted = store.update_cosine(tmp_path, order, keys)
+    assert seen == []
+    idx = [names.index(n) for n in order]
+    np.testing.assert_array_equal(permuted, both[np.ix_(idx, idx)])
+
+
+def test_cosine_cache_drops_a_changed_source(tmp_path):
+    rng = np.random.default_rng(3)
+    vecs = {f"s{i}": rng.standard_normal(40).astype(np.float32) for i in range(5)}
+    keys = _save(tmp_path, vecs)
+    names = list(vecs)
+    store.update_cosine(tmp_path, names, keys)
+    vecs["s1"] = rng.standard_normal(40).astype(np.float32)  # s1 recomputed under a new key
+    store.save_vector(tmp_path, "s1", torch.from_numpy(vecs["s1"]), "key-s1-v2")
+    keys["s1"] = "key-s1-v2"
+    c = store.update_cosine(tmp_path, names, keys)
+    np.testing.assert_allclose(c, cosine_matrix(np.stack([vecs[n] for n in names])), atol=1e-12)
+
+
+def test_pending_checks_the_key_not_just_the_file(tmp_path):
+    store.save_vector(tmp_path, "a", torch.ones(3), "k1")
+    (tmp_path / "b.safetensors").write_bytes(b"half a file")  # a file cut short by a kill
+    assert store.pending(tmp_path, {"a": "k1", "b": "k2", "c": "k3"}) == ["b", "c"]
+    assert store.pending(tmp_path, {"a": "other-config"}) == ["a"]
+
+
+# ------------------------------------------------------------------------------ estimate + resume
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def _tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def _examples(seed: int, n: int = 6) -> list[Tokenized]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(6, 12))
+        ids = rng.integers(1, 40, size=length).tolist()
+        labels = [IGNORE] * (length // 2) + ids[length // 2 :]
+        out.append(Tokenized(ids, labels, False))
+    return out
+
+
+def _run(folder, sources, keys, spec=CompressionSpec("countsketch", sketch_dim=256, seed=0)):
+    return estimate_mod.estimate(_tiny_model(), _Tok(), sources, folder, keys=keys, spec=spec,
+                                 calibration_size=4, batch_size=3, seed=0, device="cpu")
+
+
+def test_resume_after_kill_computes_only_the_missing_sources(tmp_path, monkeypatch):
+    sources = {f"src{i}": _examples(i) for i in range(5)}
+    keys = {n: f"key-{n}" for n in sources}
+    real = estimate_mod.mean_gradient
+    calls = []
+
+    def dies_after_two(*args, **kw):
+        if len(calls) == 2:
+            raise RuntimeError("simulated kill")
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(estimate_mod, "mean_gradient", dies_after_two)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _run(tmp_path / "run", sources, keys)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["src0.safetensors", "src1.safetensors"]
+
+    calls.clear()
+    monkeypatch.setattr(estimate_mod, "mean_gradient", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    stats = _run(tmp_path / "run", sources, keys)
+    assert len(calls) == 3 and sorted(stats) == ["src2", "src3", "src4"]
+    assert store.pending(tmp_path / "run", keys) == []
+
+    # the resumed store holds exactly what an uninterrupted run computes
+    _run(tmp_path / "clean", sources, keys)
+    for n in sources:
+        a = store.load_vectors(tmp_path / "run", [n])
+        b = store.load_vectors(tmp_path / "clean", [n])
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mean_gradient_does_not_depend_on_batch_size():
+    model = _tiny_model()
+    ex = _examples(9, n=7)
+    a = dict(estimate_mod.mean_gradient(model, ex, 7, 0))
+    b = dict(estimate_mod.mean_gradient(model, ex, 2, 0))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6)
+    # the token-mean loss: the gradient of the mean CE over all label tokens
+    model.zero_grad()
+    batch = estimate_mod.pad_batch(ex, 0)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(a[n], p.grad, rtol=1e-4, atol=1e-6)
