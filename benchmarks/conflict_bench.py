@@ -84,34 +84,95 @@ def usable_sources(tokenizer, data: Path, n: int, size: int, max_length: int) ->
     return chosen
 
 
-def calibration(tokenizer, data: Path, name: str, size: int, max_length: int):
+def calibration(tokenizer, data: Path, name: str, size: int, max_length: int, seed: int = 0):
     rows = read_examples(data / "train" / f"{name}.jsonl", None)
     toks, _, _ = tokenize_examples(tokenizer, rows, max_length, name)
-    return est.calibration_sample(toks, size, 0, name), len(toks)
+    return est.calibration_sample(toks, size, seed, name), len(toks)
 
 
 # --------------------------------------------------------------------------------------------- fidelity
 
 
-def exact_gradients(model, tokenizer, data, names, work: Path, size: int, max_length: int, batch: int) -> dict:
-    """Per-source exact mean gradients saved as safetensors (reused when present); timing per source."""
+def exact_gradients(model, tokenizer, data, names, work: Path, size: int, max_length: int, batch: int,
+                    seed: int = 0) -> dict:
+    """Per-source exact mean gradients saved as safetensors (reused when present, with their timing)."""
     from safetensors.torch import save_file
 
     work.mkdir(parents=True, exist_ok=True)
     info = {}
     for i, name in enumerate(names):
-        calib, count = calibration(tokenizer, data, name, size, max_length)
+        calib, count = calibration(tokenizer, data, name, size, max_length, seed)
         path = work / f"{name}.safetensors"
+        timing = work / f"{name}.seconds"
         entry = {"samples": count, "tokens": sum(len(t.input_ids) for t in calib)}
         if not path.exists():
             t0 = time.perf_counter()
             grads = est.mean_gradient(model, calib, batch, tokenizer.pad_token_id)
-            entry["seconds"] = time.perf_counter() - t0
+            timing.write_text(str(time.perf_counter() - t0))
             save_file({n: g.contiguous() for n, g in grads}, str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").replace(path)
-            log(f"exact gradient {i + 1}/{len(names)} {name}: {entry['seconds']:.1f} s, {entry['tokens']} tokens")
+            log(f"exact gradient {i + 1}/{len(names)} {name}: {float(timing.read_text()):.1f} s, "
+                f"{entry['tokens']} tokens")
+        if timing.exists():
+            entry["seconds"] = float(timing.read_text())
         info[name] = entry
     return info
+
+
+def exact_gram(work: Path, names: list[str], params: list[str]) -> np.ndarray:
+    """(T, T) float64 Gram matrix of stored exact gradients, streamed one parameter at a time."""
+    from safetensors import safe_open
+
+    handles = [safe_open(str(work / f"{n}.safetensors"), framework="pt") for n in names]
+    gram = np.zeros((len(names), len(names)))
+    for pname in params:
+        flat = torch.stack([h.get_tensor(pname) for h in handles]).reshape(len(names), -1)
+        for a in range(0, flat.shape[1], 1 << 20):
+            xc = flat[:, a : a + (1 << 20)].double()
+            gram += (xc @ xc.T).numpy()
+    return gram
+
+
+def sketch_seeds(args, params: list[str], seeds=(1, 2, 3, 4), dims=(16384, 65536)) -> list[dict]:
+    """Count-sketches of the fidelity run's exact gradients under other seeds: how often near-ties move."""
+    from safetensors import safe_open
+
+    ref = np.load(args.work / "cosines.npz")
+    names = [str(n) for n in ref["names"]]
+    work = args.work / f"exact-{args.sources}x{args.examples}x{args.max_length}"
+    specs = {(d, s): CompressionSpec("countsketch", sketch_dim=d, seed=s) for d in dims for s in seeds}
+    comps = {k: get("compression", "countsketch")(sp, batched=True) for k, sp in specs.items()}
+    handles = [safe_open(str(work / f"{n}.safetensors"), framework="pt") for n in names]
+    for pname in params:
+        x = torch.stack([h.get_tensor(pname) for h in handles])
+        for comp in comps.values():
+            comp.add(pname, x)
+    groups = {rr: recursive_median_partition(pca_scores(ref["exact"], rr)[0], ref["samples"]) for rr in (1, 2, 3)}
+    rows = []
+    for (d, seed), comp in comps.items():
+        c = cosine_matrix(comp.result().numpy())
+        r, mae, mx = pearson_mae(c, ref["exact"])
+        rows.append({"dim": d, "seed": seed, "pearson": r, "mae": mae, "moved": {
+            str(rr): moved(recursive_median_partition(pca_scores(c, rr)[0], ref["samples"]), groups[rr])
+            for rr in (1, 2, 3)}})
+    return rows
+
+
+def noise(args, model, tokenizer) -> dict:
+    """The split's own noise floor: exact cosines from a second, disjointly seeded calibration sample of the
+    same size, against the fidelity run's exact cosines (read from --work/cosines.npz)."""
+    ref = np.load(args.work / "cosines.npz")
+    names = [str(n) for n in ref["names"]]
+    work = args.work / f"exact-{args.sources}x{args.examples}x{args.max_length}-seed1"
+    exact_gradients(model, tokenizer, args.data, names, work, args.examples, args.max_length, args.batch, seed=1)
+    gram = exact_gram(work, names, [n for n, _ in trainable_parameters(model)])
+    d = np.sqrt(np.diag(gram))
+    c = gram / np.outer(d, d)
+    r, mae, mx = pearson_mae(c, ref["exact"])
+    shift = {str(rr): moved(recursive_median_partition(pca_scores(c, rr)[0], ref["samples"]),
+                            recursive_median_partition(pca_scores(ref["exact"], rr)[0], ref["samples"]))
+             for rr in (1, 2, 3)}
+    return {"pearson": r, "mae": mae, "max_err": mx, "moved": shift}
 
 
 def pearson_mae(c: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
@@ -267,7 +328,8 @@ def throughput(args, model, tokenizer) -> dict:
                                   logging_strategy="no", dataloader_num_workers=0, remove_unused_columns=False,
                                   disable_tqdm=True, seed=0)
         trainer = InOrder(model=trained, args=targs, train_dataset=_Examples(examples),
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
+                          callbacks=[Timer()])
         trainer.train()
     del trained
     # step k trains on batches[k]; both sides skip their first (warm-up) batch
@@ -386,8 +448,7 @@ def report(res: dict) -> str:
         f = res["fidelity"]
         lines += [f"fidelity: {len(f['sources'])} sources × {f['examples']} examples, max length {f['max_length']}, "
                   f"{f['numel'] / 1e6:.1f}M parameters; exact off-diagonal cosines {f['exact_offdiag']['min']:.2f} … "
-                  f"{f['exact_offdiag']['max']:.2f} (mean {f['exact_offdiag']['mean']:.2f}); exact gradient "
-                  f"{f['gradient_s_per_source'] or float('nan'):.1f} s per source", "",
+                  f"{f['exact_offdiag']['max']:.2f} (mean {f['exact_offdiag']['mean']:.2f})", "",
                   "| compression | bytes/source | vs stride-5 | Pearson r | MAE | max err | sources moved r=2 / r=3 "
                   "| compress s/source |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in f["rows"]:
@@ -395,6 +456,17 @@ def report(res: dict) -> str:
             lines.append(f"| {r['method']} | {r['bytes'] * mb:.3f} MB | {r['vs_stride5']:.2%} | {r['pearson']:.4f} | "
                          f"{r['mae']:.4f} | {r['max_err']:.3f} | {r['moved_r2']} / {r['moved_r3']} | "
                          f"{r['per_source_s']:.2f}{note} |")
+        lines.append("")
+    if "noise" in res:
+        n = res["noise"]
+        lines += [f"noise floor (exact cosines from another calibration sample of the same size vs the first): "
+                  f"Pearson {n['pearson']:.4f}, MAE {n['mae']:.4f}, max err {n['max_err']:.3f}, sources moved "
+                  f"r=1/2/3: {n['moved']['1']} / {n['moved']['2']} / {n['moved']['3']}", ""]
+    if "seeds" in res:
+        lines += ["count-sketch under other seeds (same exact gradients): sources moved r=1/2/3, Pearson, MAE"]
+        for r in res["seeds"]:
+            lines.append(f"- D={r['dim']} seed {r['seed']}: {r['moved']['1']} / {r['moved']['2']} / {r['moved']['3']}, "
+                         f"r {r['pearson']:.4f}, MAE {r['mae']:.4f}")
         lines.append("")
     if "throughput" in res:
         t = res["throughput"]
@@ -452,6 +524,12 @@ def main() -> None:
         if "throughput" in parts:
             res["throughput"] = throughput(args, model, tokenizer)
         del model
+    if "seeds" in parts:
+        tokenizer = load_tokenizer(args.model)
+        res["seeds"] = sketch_seeds(args, [n for n, _ in trainable_parameters(load_model(args.model, "float32"))])
+    if "noise" in parts:
+        tokenizer = load_tokenizer(args.model)
+        res["noise"] = noise(args, load_model(args.model, "float32"), tokenizer)
     if "split" in parts:
         res["split"] = split_time(args)
     if "memory" in parts:

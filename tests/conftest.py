@@ -64,3 +64,18 @@ def make_mixture_dir(root: Path, n_train: int = 24, n_eval: int = 6, names=None,
 @pytest.fixture
 def mixture_dir(tmp_path) -> Path:
     return make_mixture_dir(tmp_path / "mix")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Qwen2.5-VL (text hidden 64 × 2 layers, vision hidden 32 × 2 blocks) with
+    an offline byte-level tokenizer and Qwen's Pillow image processor (56×56 pictures -> 4 image tokens)."""
+    from merit.models.tiny_vlm import build_model, build_processor, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-vlm") / "theta0"
+    corpus = ["user\nWhat colour is the shape?", "assistant\nred green blue yellow purple RED",
+              "Is the ball on the left or the right? west east", "abcdefghijklmnopqrstuvwxyz 0123456789"] * 10
+    processor = build_processor(corpus, vocab_size=320)
+    model = build_model(processor, seed=0, hidden=64, layers=2, vision_hidden=32, vision_depth=2)
+    save_checkpoint(model, processor, folder)
+    return folder

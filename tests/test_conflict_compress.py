@@ -118,3 +118,15 @@ def test_countsketch_bucket_cache_gives_the_same_sketch():
     assert torch.equal(compress(_named(y), spec, cache=cache), compress(_named(y), spec))
     other = CompressionSpec("countsketch", sketch_dim=64, seed=3)  # other settings: not served from the cache
     assert torch.equal(compress(_named(y), other, cache=cache), compress(_named(y), other))
+
+
+def test_pipeline_check_rejects_unknown_compression_and_a_huge_jl():
+    from merit.config import load_config
+    from merit.pipeline import check
+
+    base = {"model": {"path": "m"}, "mixture": {"dir": "d"}}
+    with pytest.raises(ConfigError, match="grads.compression: unknown compression 'gzip'; known: countsketch, jl"):
+        check(load_config({**base, "grads": {"compression": "gzip"}}))
+    with pytest.raises(ConfigError, match="grads.sketch_dim=65536 with grads.compression=jl"):
+        check(load_config({**base, "grads": {"compression": "jl"}}))
+    check(load_config({**base, "grads": {"compression": "jl", "sketch_dim": 1024}}))

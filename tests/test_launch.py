@@ -296,3 +296,20 @@ def test_status_of_a_job_whose_process_is_gone(tmp_path):
     st.write_status(out, pid=dead.pid)
     state, status = st.job_state(out)
     assert state == "failed" and "is gone" in status["error"]
+
+
+def test_local_workers_get_their_devices_and_a_share_of_the_cores(monkeypatch):
+    import merit.launch.local as local
+    from merit.config import LaunchConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local._slots(LaunchConfig(gpus_per_branch=2)) == ["0,1", "2,3"]
+    assert local._slots(LaunchConfig(gpus_per_branch=0.5, workers=3)) == ["0", "0", "1"]
+    assert local._slots(LaunchConfig(devices=["0", "1,2"])) == ["0", "1,2"]
+    assert local._slots(LaunchConfig(workers=2)) == [None, None] and local._slots(LaunchConfig()) == [None]
+
+    seen = {}
+    monkeypatch.setattr(local.subprocess, "Popen", lambda cmd, **kw: seen.update(cmd=cmd, env=kw["env"]))
+    local._start_worker(threads=1, devices="1,2")
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "1,2" and seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert seen["cmd"][1:4] == ["-m", "merit.launch.worker", "--serve"]

@@ -178,3 +178,4 @@ def test_split_compare_prints_every_method_from_a_run_folder(tmp_path, capsys):
         assert m in out
     assert main(["split", "--compare", "--run", str(tmp_path / "nowhere")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+

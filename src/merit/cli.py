@@ -1,4 +1,4 @@
-"""Command-line interface: ``merit demo | run | ls``.
+"""Command-line interface: ``merit demo [--vlm] | run | ls | convert-llava | ...``.
 
 User mistakes (bad config, bad data, bad checkpoint) print one line and exit with code 2; anything
 else is a bug in merit and keeps its traceback.
@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from merit.data import llava
 from merit.errors import MeritError
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
@@ -18,6 +19,7 @@ from merit.merge import cli as merge_cli
 from merit.split import cli as split_cli
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_VLM_CONFIG = Path(__file__).parent / "configs" / "demo-vlm.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,11 +38,14 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded default (tiny model, built-in tasks)")
     run_options(demo)
+    demo.add_argument("--vlm", action="store_true", help="the vision-language demo: a tiny Qwen2.5-VL on built-in "
+                      "image tasks, language model trained, vision tower frozen")
     run = sub.add_parser("run", help="run the pipeline on a YAML config")
     run.add_argument("config", type=Path)
     run_options(run)
     sub.add_parser("ls", help="list presets, split methods, merge operators and launchers")
     eval_cli.add_parser(sub)
+    llava.add_parser(sub)
     merge_cli.add_parser(sub)
     split_cli.add_parser(sub)
     launch_cli.add_parser(sub)
@@ -65,6 +70,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         return eval_cli.run(args)
+    if args.command == "convert-llava":
+        return llava.run(args)
     if args.command == "merge":
         return merge_cli.run(args)
     if args.command == "split":
@@ -83,7 +90,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from merit.report.table import format_table
 
     overrides = args.overrides + (["merge.allow_partial=true"] if args.allow_partial else [])
-    cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, overrides)
+    demo_config = DEMO_VLM_CONFIG if getattr(args, "vlm", False) else DEMO_CONFIG
+    cfg = load_config(demo_config if args.command == "demo" else args.config, overrides)
     out = args.out or Path("runs") / cfg.name
     results = run(cfg, out, until=args.until)
     if results is None:

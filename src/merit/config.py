@@ -22,11 +22,13 @@ class ModelConfig(_Section):
     preset: str | None = None
     """A named preset (``merit ls``): ``tiny`` is the embedded default, built and warmed up locally."""
     path: str | None = None
-    """A local Hugging Face causal-LM checkpoint folder used as θ(0)."""
+    """A local Hugging Face checkpoint folder used as θ(0): a causal LM, or a vision-language model (a
+    config with ``vision_config``, loaded with ``AutoModelForImageTextToText`` and its processor)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trainable: list[str] | None = None
     """Regular expressions over in-memory parameter names: only matching parameters are trained (and
-    enter the gradients). Default: all parameters."""
+    enter the gradients). Default: all parameters; for a vision-language model, the language model only
+    (vision tower and projector frozen, as in the paper)."""
     frozen: list[str] = []
     """Regular expressions of parameters to freeze, applied after ``trainable`` (e.g. ``embed_tokens``)."""
     trust_remote_code: bool = False
@@ -48,8 +50,11 @@ class SourceConfig(_Section):
 
 
 class BuiltinMixtureConfig(_Section):
+    suite: Literal["text", "vision"] = "text"
+    """``text``: the code-generated text tasks (``tiny`` model); ``vision``: synthetic image tasks drawn
+    with Pillow (``tiny-vlm`` model)."""
     tasks: list[str] | None = None
-    """Task names (default: all built-in tasks)."""
+    """Task names (default: all built-in tasks of the suite)."""
     train_per_task: int = Field(200, ge=1)
     eval_per_task: int = Field(50, ge=1)
 
@@ -66,6 +71,10 @@ class MixtureConfig(_Section):
     max_eval_per_source: int | None = Field(None, ge=1)
     max_length: int = Field(256, ge=8)
     """Examples longer than this many tokens are truncated (the count goes into the mixture manifest)."""
+    token_count: Literal["all", "text"] = "all"
+    """VLM mixtures: which tokens make a source's budget n_t (and so the merge weights). ``all``: every
+    token the model reads, image placeholder tokens included (the paper's "tokens"); ``text``: without
+    image placeholders. Both counts are recorded in the mixture manifest either way."""
 
     @model_validator(mode="after")
     def _one_input(self) -> MixtureConfig:

@@ -52,6 +52,9 @@ def check(cfg: RunConfig) -> None:
         registry.get("model-preset", cfg.model.preset, field="model.preset")
     registry.get("split", cfg.split.method, field="split.method")
     registry.get("compression", cfg.grads.compression, field="grads.compression")
+    if cfg.grads.compression == "jl" and cfg.grads.sketch_dim > 16384:
+        raise ConfigError(f"grads.sketch_dim={cfg.grads.sketch_dim} with grads.compression=jl costs "
+                          "sketch_dim × parameters per source; use ≤ 16384 (e.g. 1024) or countsketch")
     for i, op in enumerate(cfg.merge.operators):
         registry.get("merge", op, field=f"merge.operators[{i}]")
     if not cfg.merge.operators:
@@ -154,11 +157,22 @@ def stage_theta0(cfg: RunConfig, out: Path) -> tuple[Path, str, str]:
     return Path(manifest.get("path", stage)), manifest["hash"], key
 
 
+def mixture_settings(cfg: RunConfig) -> dict:
+    """The mixture section as stage keys see it. Settings added for VLMs are left out at their defaults,
+    so text-only run folders made before them keep their keys (and are not recomputed)."""
+    settings = cfg.mixture.model_dump()
+    if settings.get("token_count") == "all":
+        del settings["token_count"]
+    if settings.get("builtin") and settings["builtin"].get("suite") == "text":
+        del settings["builtin"]["suite"]
+    return settings
+
+
 def stage_mixture(cfg, out, sources, tokenizer, theta0_key) -> tuple[dict, str]:
     stage = out / "mixture"
     files = [(s.name, artifacts.file_sha256(s.train), artifacts.file_sha256(s.eval) if s.eval else None)
              for s in sources]
-    key = artifacts.fingerprint("mixture", theta0_key, cfg.mixture.model_dump(), files)
+    key = artifacts.fingerprint("mixture", theta0_key, mixture_settings(cfg), files)
     if not artifacts.is_done(stage, key):
         log(f"mixture: tokenizing {len(sources)} sources")
         manifest = mixture_stage.build(out, cfg.mixture, sources, tokenizer, key)
@@ -240,7 +254,10 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     for v in variants:
         stage = v.root / "split"
         manual = [cfg.split.groups] if v.method == "manual" else []
-        v.key = artifacts.fingerprint("split", v.method, grads_key, cfg.split.r, cfg.seed, *manual)
+        # The token budgets decide the merge weights; only mixture.token_count changes them without
+        # changing the gradients' key (added only when set, so earlier run folders keep their keys).
+        budget = [cfg.mixture.token_count] if cfg.mixture.token_count != "all" else []
+        v.key = artifacts.fingerprint("split", v.method, grads_key, cfg.split.r, cfg.seed, *manual, *budget)
         if not artifacts.is_done(stage, v.key):
             artifacts.reset_stage(stage)
             method = registry.get("split", v.method, field="split.method")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from merit import artifacts
 from merit.conflict import store
 from merit.conflict.compress import CompressionSpec, compress
 from merit.data.chat import IGNORE, Tokenized
+from merit.data.vision import collator_for
 from merit.models.loading import trainable_parameters
 
 
@@ -47,9 +49,14 @@ def pad_batch(batch: list[Tokenized], pad_id: int, left: bool = False) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Everything in a batch but the labels: ids and mask, and for a VLM its pixels and image fields."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross entropy over label positions, and how many positions there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     shift_logits = logits[:, :-1].float()  # (B, L-1, V)
     shift_labels = batch["labels"][:, 1:]  # (B, L-1)
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
@@ -68,13 +75,15 @@ def gradient_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Same value as ``summed_token_loss``, but the labels are shifted instead of the logits, so the
     (B, L, V) logits are not copied (as transformers' own causal-LM loss does).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits = model(**model_inputs(batch)).logits.float()
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, L): position i predicts token i+1
     return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
 
 
-def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int) -> list[tuple[str, torch.Tensor]]:
+def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int,
+                  collate: Callable[[list[Tokenized]], dict[str, torch.Tensor]] | None = None
+                  ) -> list[tuple[str, torch.Tensor]]:
     """The gradient of the token-mean loss over ``examples``, per trainable parameter (fp32, on the model's device).
 
     Each micro-batch adds (its summed loss / all label tokens) to the ``.grad`` buffers, so the result is
@@ -89,7 +98,8 @@ def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int
         raise ValueError("no label tokens in the calibration sample")
     model.eval()  # no dropout: the gradient of the model as it stands
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()}
+        chunk = examples[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in (collate(chunk) if collate else pad_batch(chunk, pad_id)).items()}
         (gradient_loss(model, batch) / total).backward()
     grads = [(n, p.grad.detach().float()) for n, p in params]
     for _, p in params:
@@ -118,10 +128,11 @@ def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *
     device = torch.device(device) if device is not None else default_device()
     model.to(device=device, dtype=torch.float32)  # fp32 accumulation
     cache = {} if device.type == "cuda" else None  # count-sketch buckets stay on the GPU between sources
+    collate = collator_for(tokenizer)  # a VLM's batches carry pixels (None: text, pad_batch)
     for name in tqdm(todo, desc="gradients", unit="source"):
         calib = calibration_sample(sources[name], calibration_size, seed, name)
         t0 = time.perf_counter()
-        grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id)
+        grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id, collate)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()

@@ -2,6 +2,9 @@
 
 One example per line: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
 Other fields (``choices``, ``answer_index``, ``targets``, ``id``, ``source``, ...) are kept as they are.
+For vision-language models a ``content`` may be a list of parts (``{"type": "image"}``,
+``{"type": "text", "text": str}``) with the image files in ``images`` (``merit.data.vision``); their paths
+come back absolute.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             check_example(ex, where)
+            if "images" in ex or any(not isinstance(m["content"], str) for m in ex["messages"]):
+                from merit.data.vision import check_parts, resolve_images
+
+                resolve_images(ex, path, where, check_parts(ex["messages"], where))
             examples.append(ex)
             if limit is not None and len(examples) >= limit:
                 break
@@ -50,7 +57,8 @@ def check_example(ex: object, where: str) -> None:
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        # A list content (text and image parts) is checked in detail by merit.data.vision.check_parts.
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), (str, list)):
             raise DataError(
                 f"{where}: messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': string}}"
             )

@@ -1,7 +1,10 @@
 """Stage 0, the mixture: resolve the sources, validate every line, tokenize, count.
 
 Writes ``mixture/manifest.json`` with each source's sample count s_t and token budget n_t (all tokens of
-its training examples after truncation; ``loss_tokens`` counts the assistant tokens alone).
+its training examples after truncation; ``loss_tokens`` counts the assistant tokens alone). For a
+vision-language θ(0) examples are tokenized through its processor (``merit.data.vision``) and each source
+also records ``text_tokens``, ``image_tokens`` (image placeholders) and ``images``; n_t follows
+``mixture.token_count`` (``all``: placeholders included, the paper's tokens; ``text``: without them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source
     if cfg.builtin is not None:
         from merit.data.builtin import TASKS, builtin_mixture
 
+        vision = cfg.builtin.suite == "vision"
+        if vision:  # synthetic image tasks: pictures are drawn into the mixture folder with the JSONL files
+            from merit.data.builtin_vision import TASKS
         names = cfg.builtin.tasks or list(TASKS)
         unknown = [n for n in names if n not in TASKS]
         if unknown:
@@ -39,7 +45,13 @@ def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source
         data_dir = Path(run_dir) / "mixture" / "data"
         sources = [Source(n, data_dir / "train" / f"{n}.jsonl", data_dir / "eval" / f"{n}.jsonl") for n in names]
         if not all(s.train.exists() and s.eval.exists() for s in sources):
-            mix = builtin_mixture(names, cfg.builtin.train_per_task, cfg.builtin.eval_per_task, seed=seed)
+            if vision:
+                from merit.data.builtin_vision import write_vision_mixture
+
+                mix = write_vision_mixture(data_dir, names, cfg.builtin.train_per_task, cfg.builtin.eval_per_task,
+                                           seed=seed)
+            else:
+                mix = builtin_mixture(names, cfg.builtin.train_per_task, cfg.builtin.eval_per_task, seed=seed)
             for s in sources:
                 write_examples(s.train, mix[s.name][0])
                 write_examples(s.eval, mix[s.name][1])
@@ -88,10 +100,19 @@ def read_source(source: Source, cfg: MixtureConfig) -> tuple[list[dict], list[di
 def tokenize_examples(tokenizer, examples: list[dict], max_length: int, where: str) -> tuple[list[Tokenized], int, int]:
     """Tokenized examples plus (truncated count, skipped count). An example whose assistant tokens are all
     cut away by truncation is skipped: it would train on nothing."""
+    from merit.data.vision import has_parts, tokenize_vision_conversation  # torch: imported when tokenizing
+
     out, truncated, skipped = [], 0, 0
+    processor = getattr(tokenizer, "processor", None)  # a VLM's processor (merit.models.vlm.ProcessorTokenizer)
     for i, ex in enumerate(examples):
         try:
-            t = tokenize_conversation(tokenizer, ex["messages"], max_length)
+            if processor is not None:
+                t = tokenize_vision_conversation(processor, ex["messages"], ex.get("images", []), max_length)
+            elif has_parts(ex):
+                raise DataError(f"{where} example {i + 1}: has images or content parts, but θ(0) is a text-only "
+                                "model; use a vision-language checkpoint")
+            else:
+                t = tokenize_conversation(tokenizer, ex["messages"], max_length)
         except TemplateError as e:
             raise DataError(f"{where} example {i + 1}: {e}") from None
         if t.loss_tokens == 0:
@@ -126,6 +147,9 @@ def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, k
                 "eval_samples": len(ev),
             }
         )
+        if getattr(tokenizer, "processor", None) is not None:
+            entries[-1].update(vision_token_counts(toks, cfg.token_count))
+    extra = {"token_count": cfg.token_count} if getattr(tokenizer, "processor", None) is not None else {}
     return artifacts.write_manifest(
         stage,
         key,
@@ -133,7 +157,19 @@ def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, k
         sources=entries,
         total_samples=sum(e["samples"] for e in entries),
         total_tokens=sum(e["tokens"] for e in entries),
+        **extra,
     )
+
+
+def vision_token_counts(toks: list[Tokenized], token_count: str) -> dict:
+    """A VLM source's text and image-placeholder token counts, and its token budget n_t by
+    ``mixture.token_count``: ``all`` (every token the model reads, image placeholders included — the
+    paper's "tokens") or ``text`` (image placeholders left out)."""
+    image = sum(getattr(t, "image_tokens", 0) for t in toks)
+    total = sum(len(t.input_ids) for t in toks)
+    return {"text_tokens": total - image, "image_tokens": image,
+            "images": sum(len(getattr(t, "images", ())) for t in toks),
+            "tokens": total if token_count == "all" else total - image}
 
 
 def load_train(manifest: dict, names: list[str], tokenizer, cfg: MixtureConfig) -> list[Tokenized]:

@@ -105,6 +105,10 @@ def generate(model, tokenizer, examples: list[dict], s: EvalSettings, batch_size
 
 
 def evaluate_source(model, tokenizer, examples: list[dict], s: EvalSettings) -> dict:
+    if getattr(tokenizer, "processor", None) is not None:  # a VLM: prompts carry images (merit.evaluate.vision)
+        from merit.evaluate import vision
+
+        return vision.evaluate_source(model, tokenizer, examples, s)
     mc = [ex for ex in examples if is_multiple_choice(ex)]
     gen = [ex for ex in examples if not is_multiple_choice(ex)]
     correct = 0.0

@@ -35,8 +35,10 @@ def add_parser(subparsers) -> None:
     tb = subparsers.add_parser("train-branch", help="train one branch of a plan as a standalone job (resumable)")
     tb.add_argument("--branch", required=True, metavar="K", help="group index in the plan (0-based), or 'joint' "
                     "(with --run) for the joint baseline")
-    tb.add_argument("--run", type=Path, metavar="DIR", help="a run folder: its config.yaml, split/plan.json, "
-                    "θ(0) and mixture manifest")
+    # --run-dir: the same option under a name torchrun's own parser does not find ambiguous (with --run,
+    # `torchrun ... -m merit.cli train-branch --run DIR` stops at "ambiguous option: --run").
+    tb.add_argument("--run", "--run-dir", dest="run", type=Path, metavar="DIR", help="a run folder: its config.yaml, "
+                    "split/plan.json, θ(0) and mixture manifest")
     tb.add_argument("--variant", metavar="NAME", help="with --run: a baseline split under DIR/baselines/, e.g. random-k4")
     tb.add_argument("--plan", type=Path, help="plan.json (explicit form)")
     tb.add_argument("--theta0", type=Path, help="θ(0) checkpoint folder (explicit form; with --run: where θ(0) "

@@ -2,10 +2,11 @@
 
 - ``launch.workers: 1`` (default, no ``devices``): jobs run one after another in this process, with the
   Trainer's progress bar.
-- ``launch.workers: N``: N worker processes at a time (``python -m merit.launch.worker``), each with
-  ``launch.cpus_per_branch`` torch threads (default: cores // N, so workers do not oversubscribe the
-  CPU) and, with ``launch.devices``, its own ``CUDA_VISIBLE_DEVICES`` entry. A worker's output goes to
-  the job's log file; this process shows one progress bar per job from the jobs' status files.
+- ``launch.workers: N``: N worker processes (``python -m merit.launch.worker``), each taking the next
+  job when it finishes one, with ``launch.cpus_per_branch`` torch threads (default: cores // N, so
+  workers do not oversubscribe the CPU) and, with ``launch.devices``, its own ``CUDA_VISIBLE_DEVICES``
+  entry. A job's output goes to its log file; this process shows one progress bar per job from the
+  jobs' status files.
 
 A job that fails (exception, NaN loss, killed by the out-of-memory killer) is reported and the others
 carry on.
@@ -13,28 +14,40 @@ carry on.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from merit import artifacts
-from merit.launch import status as st
 from merit.launch.base import Monitor, Outcome, cpus_per_branch, execute, outcome_of
+from merit.launch.worker import MARK
 from merit.registry import register
+
+if TYPE_CHECKING:
+    from merit.config import LaunchConfig
+    from merit.train.branch import BranchJob
 
 
 @register("launcher", "local")
-def run_local(jobs: Sequence, cfg) -> list[Outcome]:
+def run_local(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     """Run every job on this machine; see the module docstring for sequential vs parallel."""
-    jobs = [j for j in jobs if not artifacts.is_done(j.out, j.key)]
+    done = {j.out: Outcome(j.name, j.out, True) for j in jobs if artifacts.is_done(j.out, j.key)}
+    todo = [j for j in jobs if j.out not in done]
     slots = _slots(cfg)
     if len(slots) == 1 and slots[0] is None:
-        return [_in_process(job, cfg) for job in jobs]
-    return _processes(jobs, cfg, slots)
+        outcomes = [_in_process(job, cfg) for job in todo]
+    else:
+        outcomes = _processes(todo, cfg, slots) if todo else []
+    done.update({o.out: o for o in outcomes})
+    return [done[j.out] for j in jobs]
 
 
 def _slots(cfg) -> list[str | None]:
@@ -44,12 +57,16 @@ def _slots(cfg) -> list[str | None]:
     if cfg.gpus_per_branch:
         import torch
 
-        n, g = torch.cuda.device_count(), int(cfg.gpus_per_branch)
-        groups = [",".join(str(d) for d in range(i, i + g)) for i in range(0, n - g + 1, g)]
+        n, g = torch.cuda.device_count(), cfg.gpus_per_branch
+        if g >= 1:  # consecutive GPUs per worker
+            g = int(g)
+            groups = [",".join(str(d) for d in range(i, i + g)) for i in range(0, n - g + 1, g)]
+        else:  # a fraction: round(1/g) workers share each GPU
+            groups = [str(d) for d in range(n) for _ in range(round(1 / g))]
         if not groups:
             from merit.errors import ConfigError
 
-            raise ConfigError(f"launch.gpus_per_branch={g}: this machine has {n} GPU(s)")
+            raise ConfigError(f"launch.gpus_per_branch={cfg.gpus_per_branch}: this machine has {n} GPU(s)")
         return groups[: cfg.workers or len(groups)]
     return [None] * (cfg.workers or 1)
 
@@ -78,49 +95,72 @@ def _job_file(job) -> Path:
 
 
 def _processes(jobs: list, cfg, slots: list[str | None]) -> list[Outcome]:
+    """One thread per slot keeps one worker process busy with jobs from a shared queue; a worker that
+    dies (killed, out of memory, crash) fails only its current job and is replaced for the next."""
     threads = cpus_per_branch(cfg, default=max(1, (os.cpu_count() or 1) // len(slots)))
-    pending = list(jobs)
-    running: dict[str | None | int, tuple[subprocess.Popen, object]] = {}
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
     outcomes: dict[Path, Outcome] = {}
+    procs: dict[int, subprocess.Popen] = {}
+    drivers = [threading.Thread(target=_drive, args=(i, slots[i], threads, todo, outcomes, procs), daemon=True)
+               for i in range(min(len(slots), len(jobs)))]
     monitor = Monitor(jobs)
-    free = list(range(len(slots)))
     try:
-        while pending or running:
-            while pending and free:
-                i = free.pop(0)
-                job = pending.pop(0)
-                running[i] = (_start(job, threads, slots[i]), job)
-            for i, (proc, job) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[i]
-                free.append(i)
-                outcomes[job.out] = outcome_of(job, rc == 0, None if rc == 0 else _exit_reason(rc))
-                if outcomes[job.out].ok:
-                    _job_file_path(job).unlink(missing_ok=True)
+        for d in drivers:
+            d.start()
+        while any(d.is_alive() for d in drivers):
             monitor.poll()
             time.sleep(0.2)
     finally:
-        for proc, _ in running.values():  # interrupted: do not leave orphans training in the background
-            proc.terminate()
-        for proc, _ in running.values():
-            proc.wait()
+        for proc in list(procs.values()):  # interrupted: do not leave orphans training in the background
+            if proc.poll() is None:
+                proc.terminate()
+        for d in drivers:
+            d.join(timeout=30)
         monitor.close()
     return [outcomes[j.out] for j in jobs]
 
 
-def _start(job, threads: int, devices: str | None) -> subprocess.Popen:
+def _drive(i: int, devices: str | None, threads: int, todo: queue.SimpleQueue, outcomes: dict, procs: dict) -> None:
+    proc = None
+    while True:
+        try:
+            job = todo.get_nowait()
+        except queue.Empty:
+            break
+        if proc is None:
+            proc = procs[i] = _start_worker(threads, devices)
+        answer = None
+        try:
+            proc.stdin.write(f"{_job_file(job)}\n")
+            proc.stdin.flush()
+            for line in proc.stdout:  # skips anything that is not an answer
+                if line.startswith(MARK):
+                    answer = json.loads(line[len(MARK):])
+                    break
+        except (BrokenPipeError, OSError):
+            pass
+        if answer is None:  # the worker died during this job
+            outcomes[job.out] = outcome_of(job, False, _exit_reason(proc.wait()))
+            proc = None
+            continue
+        outcomes[job.out] = outcome_of(job, answer["ok"], answer["error"])
+        if outcomes[job.out].ok:
+            _job_file_path(job).unlink(missing_ok=True)
+    if proc is not None:
+        proc.stdin.close()
+        proc.wait()
+
+
+def _start_worker(threads: int, devices: str | None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
-    log = st.log_path(job.out)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "merit.launch.worker", str(_job_file(job)),
-                                 "--threads", str(threads), "--launcher", "local"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return subprocess.Popen([sys.executable, "-m", "merit.launch.worker", "--serve", "--threads", str(threads),
+                             "--launcher", "local"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def _exit_reason(rc: int) -> str:

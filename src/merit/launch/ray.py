@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from merit.launch.base import Monitor, Outcome, cpus_per_branch, execute, one_line, outcome_of, require
 from merit.registry import register
+
+if TYPE_CHECKING:
+    from merit.config import LaunchConfig
+    from merit.train.branch import BranchJob
 
 
 def _task(job, threads: int) -> tuple[bool, str | None]:
@@ -21,7 +26,7 @@ def _task(job, threads: int) -> tuple[bool, str | None]:
 
 
 @register("launcher", "ray")
-def run_ray(jobs: Sequence, cfg) -> list[Outcome]:
+def run_ray(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     """Submit every job as a Ray task (at most ``launch.workers`` at once when that is set) and wait."""
     ray = require("ray", "ray", "ray")
     started = False

@@ -16,11 +16,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from merit.errors import ConfigError
 from merit.launch.base import Monitor, Outcome, execute, one_line, outcome_of, require
 from merit.registry import register
+
+if TYPE_CHECKING:
+    from merit.config import LaunchConfig
+    from merit.train.branch import BranchJob
 
 _GENERIC = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node", "name",
             "stderr_to_stdout"}
@@ -70,7 +75,7 @@ def parameters(cfg) -> tuple[str | None, Path | None, dict]:
 
 
 @register("launcher", "slurm")
-def run_slurm(jobs: Sequence, cfg) -> list[Outcome]:
+def run_slurm(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     """Submit the jobs as one array and wait for all of them; failures are collected, not raised."""
     submitit = require("submitit", "slurm", "slurm")
     if not jobs:

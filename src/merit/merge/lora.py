@@ -23,7 +23,8 @@ from merit.errors import MeritError
 
 _ADAPTER_FILE = "adapter_model.safetensors"
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+               "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
 
 def is_adapter(folder: Path) -> bool:
@@ -53,6 +54,11 @@ def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float],
     """Write a dense checkpoint at ``out``: θ(0) with each adapted weight replaced by op over the branches'
     dense weights W0 + ΔW_k."""
     deltas = [lora_deltas(a) for a in adapters]
+    # Adapter names are in-memory names; some checkpoints (Qwen2.5-VL) save older keys: map them.
+    from merit.models.vlm import saved_names
+
+    rename = saved_names(theta0, sorted(deltas[0]))
+    deltas = [{rename.get(k, k): v for k, v in d.items()} for d in deltas]
     keys = set(deltas[0])
     for a, d in zip(adapters[1:], deltas[1:]):
         if set(d) != keys:

@@ -134,12 +134,22 @@ def _random_prune(tau: torch.Tensor, density: float, rescale: bool, gen: torch.G
 
 @operator("token-weighted", elementwise=True, linear=True, mergekit="linear")
 def token_weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ_j N_j (the paper's Step 5).
+    """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ_j N_j (the paper's Step 5), in fp32.
 
-    Accumulates in branch order, ``out += w_k θ_k``, in fp32.
+    With weights summing to 1 (the pipeline's token weights; the CLI normalises ``--weights``) it is
+    computed as θ_1 + Σ_{k>1} w_k (θ_k − θ_1): the same average, but exact wherever every branch holds
+    the same value, so parameters that no branch trains (a VLM's frozen vision tower, embedding rows of
+    tokens no branch saw) come out bitwise equal to θ(0). Other weights: ``out += w_k θ_k`` in branch order.
     """
     _check(tensors, weights)
-    out = torch.zeros_like(tensors[0], dtype=_compute_dtype(tensors[0]))
+    dtype = _compute_dtype(tensors[0])
+    if abs(sum(float(w) for w in weights) - 1.0) < 1e-6:
+        anchor = tensors[0].to(dtype)
+        out = anchor.clone()
+        for t, w in zip(tensors[1:], weights[1:]):
+            out.add_(t.to(dtype) - anchor, alpha=float(w))  # θ_k − θ_1 is exactly 0 where they agree
+        return out
+    out = torch.zeros_like(tensors[0], dtype=dtype)
     for t, w in zip(tensors, weights):
         out.add_(t.to(out.dtype), alpha=float(w))
     return out

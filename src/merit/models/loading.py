@@ -30,6 +30,15 @@ def check_checkpoint(folder: str | Path, allow_pickle: bool = False) -> Path:
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer; for a vision-language checkpoint its processor, seen as a tokenizer
+    (:class:`merit.models.vlm.ProcessorTokenizer`)."""
+    from merit.models import vlm
+
+    if vlm.is_vlm(check_checkpoint(folder, allow_pickle=True)):
+        tok = vlm.ProcessorTokenizer(vlm.load_processor(folder, trust_remote_code=trust_remote_code))
+        if tok.chat_template is None:
+            raise MeritError(f"{folder}: the processor has no chat template; merit tokenizes with the model's template")
+        return tok
     tok = AutoTokenizer.from_pretrained(check_checkpoint(folder, allow_pickle=True), trust_remote_code=trust_remote_code)
     if tok.chat_template is None:
         raise MeritError(f"{folder}: the tokenizer has no chat template; merit tokenizes with the model's template")
@@ -40,10 +49,15 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
 
 def load_model(folder: str | Path, dtype: str = "float32", *, trust_remote_code: bool = False,
                allow_pickle: bool = False):
+    from merit.models.vlm import is_vlm
+
     folder = check_checkpoint(folder, allow_pickle)
     safetensors = any(folder.glob("*.safetensors"))
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=safetensors,
-                                                trust_remote_code=trust_remote_code)
+    auto = AutoModelForCausalLM
+    if is_vlm(folder):  # a config with a vision_config: the image-text-to-text class of its family
+        from transformers import AutoModelForImageTextToText as auto
+    return auto.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=safetensors,
+                                trust_remote_code=trust_remote_code)
 
 
 def checkpoint_hash(folder: str | Path) -> str:
@@ -83,15 +97,28 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 def load_for_training(folder: str | Path, model_cfg, lora_cfg=None, seed: int = 0):
     """θ(0) with the trainable subset applied — the one entry point for gradients and for training, so
     both see exactly the same parameters and loss. With ``lora_cfg`` the model is wrapped in PEFT LoRA
-    adapters initialised from ``seed`` (the gradient is then over the adapters, as training is)."""
+    adapters initialised from ``seed`` (the gradient is then over the adapters, as training is).
+
+    A vision-language θ(0) without ``model.trainable`` trains its language model only: the family's
+    vision tower and projector patterns (``merit.models.vlm.FAMILIES``) are frozen, and LoRA adapters go
+    on language-model layers only."""
+    from merit.models import vlm
+
     model = load_model(folder, model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                        allow_pickle=model_cfg.allow_pickle)
+    is_vlm = vlm.model_family(model) is not None
     if lora_cfg is None:
-        select_trainable(model, model_cfg.trainable, model_cfg.frozen)
+        frozen = list(model_cfg.frozen)
+        if is_vlm and model_cfg.trainable is None:  # the paper's default: train the language model only
+            frozen = vlm.language_model_only(model, frozen)
+        select_trainable(model, model_cfg.trainable, frozen)
         return model
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # same adapter initialisation for the gradients and every branch
+    # On a VLM, adapters go on the language model's layers only (names resolved here: PEFT's suffix
+    # matching would also wrap the vision tower's projections).
+    targets = vlm.lora_targets(model, list(lora_cfg.target_modules)) if is_vlm else list(lora_cfg.target_modules)
     peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                          target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg)

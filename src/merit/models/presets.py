@@ -3,6 +3,9 @@
 ``tiny``: a ~1M-parameter Llama with an offline byte-level BPE tokenizer, made merge-ready by a short
 joint training on the built-in *warm-up* mixture (tasks disjoint from the target mixture), standing in
 for the paper's instruction-tuned θ(0). No hub access is needed.
+
+``tiny-vlm``: the same idea for vision-language models: a ~1M-parameter Qwen2.5-VL warmed up on
+built-in warm-up image tasks.
 """
 
 from __future__ import annotations
@@ -32,6 +35,49 @@ def prepare_tiny(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 128
     save_checkpoint(model, tokenizer, out)
     return {
         "preset": "tiny",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "warmup_tasks": list(warmup),
+        "warmup": stats,
+    }
+
+
+@register("model-preset", "tiny-vlm")
+def prepare_tiny_vlm(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 64) -> dict:
+    """Build, warm up and save the tiny vision-language θ(0) (a Qwen2.5-VL, ``merit.models.tiny_vlm``).
+
+    The warm-up trains *every* parameter, vision tower included, on the built-in warm-up image tasks
+    (disjoint from the target ones): it stands in for the paper's LLaVA-style stage 1 + 2 that made θ(0)
+    an instruction-tuned VLM. The target runs then train the language model only.
+    """
+    import tempfile
+
+    from merit.data.builtin_vision import write_vision_mixture
+    from merit.data.mixture import tokenize_examples
+    from merit.models.tiny_vlm import build_model, build_processor, save_checkpoint
+    from merit.models.vlm import ProcessorTokenizer
+    from merit.train.trainer import train
+
+    with tempfile.TemporaryDirectory(prefix="merit-vlm-warmup-") as tmp:
+        warmup = write_vision_mixture(Path(tmp), n_train=cfg.examples_per_task, n_eval=1, seed=seed, warmup=True)
+        examples = [ex for train_split, _ in warmup.values() for ex in train_split]
+        for ex in examples:  # the files' paths, as read_examples would make them
+            ex["images"] = [str(Path(tmp) / p) for p in ex["images"]]
+        # The tokenizer learns merges from the chat text of the warm-up tasks and of one example per target
+        # task (a real tokenizer covers the language of both).
+        targets = write_vision_mixture(Path(tmp) / "vocabulary", n_train=1, n_eval=0, seed=seed)
+        texts = [ex for rows, _ in targets.values() for ex in rows] + examples
+        corpus = [f"{m['role']}\n{p['text'] if isinstance(p, dict) else p}" for ex in texts for m in ex["messages"]
+                  for p in (m["content"] if isinstance(m["content"], list) else [m["content"]])
+                  if not isinstance(p, dict) or p.get("type") == "text"]
+        processor = build_processor(corpus)
+        tokenizer = ProcessorTokenizer(processor)
+        model = build_model(processor, seed)
+        tokenized, _, _ = tokenize_examples(tokenizer, examples, max_length, "built-in vision warm-up mixture")
+        hp = TrainConfig(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, epochs=cfg.epochs)
+        stats = train(model, tokenizer, tokenized, hp, seed, desc="warm-up θ(0)")
+    save_checkpoint(model, processor, out)
+    return {
+        "preset": "tiny-vlm",
         "parameters": sum(p.numel() for p in model.parameters()),
         "warmup_tasks": list(warmup),
         "warmup": stats,

@@ -129,17 +129,52 @@ class _JobLog:
         self.file.close()
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process when ``torchrun`` / ``accelerate launch`` started several; (0, 1) else."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank of a multi-process branch (accelerate's process group, which the Trainer reuses)."""
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _follow(job: BranchJob, world: int) -> dict:
+    """A non-zero rank of a multi-GPU branch: train in step with rank 0 (the Trainer's data-parallel
+    group), and leave the log, status, and saving to rank 0. Parameters must be whole on rank 0 when it
+    saves (DDP or DeepSpeed ZeRO-1/2; FSDP / ZeRO-3 shard them)."""
+    barrier(world)
+    tokenizer = load_tokenizer(job.theta0)
+    model = load_for_training(job.theta0, job.model_cfg, job.train_cfg.lora, job.seed)
+    examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
+    train(model, tokenizer, examples, job.train_cfg, job.seed, desc=job.name, work_dir=job.work,
+          save_steps=job.save_steps, progress=False)
+    barrier(world)
+    return artifacts.read_manifest(job.out)
+
+
 def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = None) -> dict:
     """Train one branch from θ(0) and write its folder (checkpoint + manifest) in one rename.
 
     Resumable: Trainer checkpoints go to ``job.work`` every ``job.save_steps`` steps and a rerun continues
-    from the newest. The job's log (``job.log``) and status file record start, progress, end or failure,
+    from the newest. Under ``torchrun`` / ``accelerate launch`` (several processes, one per GPU) every rank
+    trains through the Trainer's data-parallel group and rank 0 alone writes the log, status and folder. The job's log (``job.log``) and status file record start, progress, end or failure,
     whichever launcher runs it; a failure is recorded and re-raised.
     """
     from merit.launch import status
 
     if artifacts.is_done(job.out, job.key):
         return artifacts.read_manifest(job.out)
+    rank, world = distributed()
+    if world > 1 and (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+                      or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        raise MeritError("a multi-GPU branch is saved from rank 0, which needs whole parameters: launch it with "
+                         "DDP or DeepSpeed ZeRO stage 1/2 (FSDP and ZeRO-3 shard the parameters)")
+    if rank != 0:
+        return _follow(job, world)
     state, st = status.job_state(job.out)
     if state == "running" and st.get("host") == socket.gethostname() and st.get("pid") != os.getpid():
         # Two copies of one branch would write the same checkpoints; a dead process shows as "failed".
@@ -152,6 +187,7 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
         log.line(f"start {job.name}: {len(job.sources)} source(s), pid {os.getpid()} on {socket.gethostname()}"
                  f"{f' ({launcher})' if launcher else ''}, {torch.get_num_threads()} torch thread(s)")
         work = prepare_work(job)
+        barrier(world)  # the other ranks of a multi-GPU branch start once the work folder is ready
         resume = last_checkpoint(work)
         if resume is not None:
             log.line(f"resuming from the checkpoint at step {resume.name.split('-')[-1]} ({resume})")
@@ -183,6 +219,7 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
         status.write_status(job.out, state="failed", error=reason, finished=time.time())
         log.close()
         raise
+    barrier(world)  # the other ranks read the manifest once it is written
     # The checkpoints served their purpose; a finished branch is its folder + manifest.
     shutil.rmtree(job.work, ignore_errors=True)
     log.line(f"done in {manifest['duration_s']} s: {manifest['steps']} steps, train loss {manifest['train_loss']:.4f}")

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from merit.config import TrainConfig
 from merit.data.chat import IGNORE, Tokenized
+from merit.data.vision import VisionDataset, collator_for
 from merit.errors import MeritError
 
 
@@ -153,11 +154,13 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
             remove_unused_columns=False,
             disable_tqdm=not progress,
         )
+        # A VLM's batches also carry pixels and image fields (merit.data.vision); text keeps HF's collator.
+        vision = collator_for(tokenizer)
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=_Examples(examples),
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
+            train_dataset=_Examples(examples) if vision is None else VisionDataset(examples),
+            data_collator=vision or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
         )
         # Our own console output: a plain progress bar (or none), never the per-step log dicts.
         trainer.remove_callback(ProgressCallback)
