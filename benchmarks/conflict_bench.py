@@ -506,6 +506,8 @@ def main() -> None:
     p.add_argument("--tp-sources", type=int, default=4)
     p.add_argument("--tp-examples", type=int, default=16)
     p.add_argument("--memory-batches", type=int, nargs="+", default=[8, 1])
+    p.add_argument("--seed-list", type=int, nargs="+", default=[1, 2, 3, 4], help="sketch seeds for --part seeds")
+    p.add_argument("--seed-dims", type=int, nargs="+", default=[16384, 65536], help="sketch dims for --part seeds")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args()
@@ -526,7 +528,8 @@ def main() -> None:
         del model
     if "seeds" in parts:
         tokenizer = load_tokenizer(args.model)
-        res["seeds"] = sketch_seeds(args, [n for n, _ in trainable_parameters(load_model(args.model, "float32"))])
+        params = [n for n, _ in trainable_parameters(load_model(args.model, "float32"))]
+        res["seeds"] = sketch_seeds(args, params, args.seed_list, args.seed_dims)
     if "noise" in parts:
         tokenizer = load_tokenizer(args.model)
         res["noise"] = noise(args, load_model(args.model, "float32"), tokenizer)

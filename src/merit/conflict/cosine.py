@@ -25,13 +25,14 @@ def unit_rows(grads: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: a row is all zeros (its direction is undefined).
     """
-    g = np.asarray(grads, dtype=np.float64)
+    g = np.array(grads, dtype=np.float64)  # a copy: scaled in place below
     if g.ndim != 2:
         raise ValueError(f"expected a (T, D) matrix of gradients, got shape {g.shape}")
     norms = np.array([math.sqrt(float(np.dot(row, row))) for row in g])
     if np.any(norms == 0):
         raise ValueError(f"zero gradient for row(s) {np.flatnonzero(norms == 0).tolist()}")
-    return g / norms[:, None]
+    g /= norms[:, None]
+    return g
 
 
 def _tile(unit: np.ndarray, start: int, tile: int) -> np.ndarray:
