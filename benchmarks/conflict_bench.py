@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -421,8 +420,7 @@ def memory_child(args) -> None:
     stop.set()
     th.join()
     print(json.dumps({"batch": args.batch, "runtime_rss": base, "after_load_rss": loaded, "peak_rss": peak[0],
-                      "model_bytes": 4 * numel, "grad_bytes": 4 * numel,
-                      "maxrss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "model_bytes": 4 * numel, "grad_bytes": 4 * numel}))
 
 
 def memory(args) -> list[dict]:

@@ -192,6 +192,10 @@ class LaunchConfig(_Section):
     worker processes; ray / slurm: a cap on tasks in flight (default: no cap)."""
     cpus_per_branch: int | None = Field(None, ge=1)
     """CPU cores (torch threads) per branch; default: local cores // workers, ray 1, slurm the cluster's."""
+    threads: int | None = Field(None, ge=1)
+    """Torch CPU threads of the merit process's own model work (θ(0) preparation, gradients, evaluation);
+    default: torch's (one per core). 1 suits tiny models on small or busy machines, where a 2-thread team
+    waits at every barrier for a descheduled thread (benchmarks/launch_results.md)."""
     gpus_per_branch: float = Field(0, ge=0)
     """GPUs per branch (Ray ``num_gpus``, Slurm ``gpus_per_node``; local: consecutive GPUs per worker)."""
     devices: list[str] | None = None

@@ -71,7 +71,13 @@ def run(cfg: RunConfig, out: Path, until: str | None = None) -> dict | None:
     so the command still exits non-zero.
     """
     failed: list = []
-    results = _run(cfg, out, until, failed)
+    threads = torch.get_num_threads()
+    if cfg.launch.threads:
+        torch.set_num_threads(cfg.launch.threads)
+    try:
+        results = _run(cfg, out, until, failed)
+    finally:
+        torch.set_num_threads(threads)
     if failed:
         from merit.launch.base import BranchFailed
 

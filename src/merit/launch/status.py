@@ -121,7 +121,7 @@ def overview(run_dir: Path) -> tuple[list[str], dict[str, int]]:
         lines.append(f"{stage:<24} {_stage(run_dir / stage)}")
     roots = [run_dir] + sorted(p for p in (run_dir / "baselines").glob("[!.]*") if p.is_dir())
     for root in roots:
-        tag = "" if root == run_dir else f" ({root.relative_to(run_dir)})"
+        tag = "" if root == run_dir else f" ({root.name})"
         plan_file = root / "split" / "plan.json"
         lines.append(f"{'split' + tag:<24} {_stage(root / 'split')}")
         if not plan_file.exists():
