@@ -87,8 +87,8 @@ class MixtureConfig(_Section):
 
 
 class PrepareConfig(_Section):
-    """The built-in preparation of θ(0) for the ``tiny`` preset: a short joint training on a separate
-    warm-up mixture (the paper's θ(0) is an already instruction-tuned checkpoint)."""
+    """The built-in preparation of θ(0) for the ``tiny`` and ``tiny-vlm`` presets: a short joint training
+    on a separate warm-up mixture (the paper's θ(0) is an already instruction-tuned checkpoint)."""
 
     examples_per_task: int = Field(600, ge=1)
     epochs: float = Field(2.0, gt=0)

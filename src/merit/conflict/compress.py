@@ -123,8 +123,8 @@ class CountSketch:
     """Count-sketch: entry i goes to bucket h(i) ∈ [0, D) with sign σ(i) ∈ {±1}.
 
     One draw v ∈ [0, 2D) per entry encodes both: bucket v mod D, sign + if v ≥ D. Entries are summed into
-    2D half-buckets and the sketch is upper − lower half, which costs one ``index_add_`` per chunk and no
-    sign multiplication.
+    2D half-buckets and the sketch is upper − lower half: one 1-D ``index_add_`` per chunk (and batch row),
+    no sign multiplication.
     """
 
     def __init__(self, spec: CompressionSpec, batched: bool = False, cache: dict | None = None):
