@@ -21,6 +21,8 @@ FAST = {
     "train": {"batch_size": 8, "learning_rate": 2e-3},
     "eval": {"max_per_source": 3, "batch_size": 8, "max_new_tokens": 4},
     "split": {"r": 1},
+    # One torch thread for this process's work and for each branch: tiny models on a busy 2-core machine.
+    "launch": {"threads": 1, "cpus_per_branch": 1},
 }
 
 
@@ -48,7 +50,10 @@ def vlm_run(tmp_path_factory, tiny_vlm_checkpoint):
     mix = vision_mixture(root / "mix")
     cfg = {"name": "vlm-e2e", "model": {"path": str(tiny_vlm_checkpoint)},
            "mixture": {"dir": str(mix), "max_length": 48}, **FAST}
-    return root, cfg, run(root, cfg)
+    threads = torch.get_num_threads()
+    out = run(root, cfg)
+    assert torch.get_num_threads() == threads  # launch.threads applies during the run only
+    return root, cfg, out
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -140,3 +145,26 @@ def test_lora_branches_adapt_the_language_model_only(tmp_path, tiny_vlm_checkpoi
     assert all(torch.equal(merged[k], theta0[k]) for k in theta0 if k.startswith("visual."))
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            theta0["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.slow
+def test_branch_on_two_processes_with_torchrun(vlm_run, tmp_path):
+    """A branch under torchrun (DDP, here on CPU with gloo): rank 0 writes the folder, the steps halve."""
+    import os
+    import subprocess
+    import sys
+
+    _, _, out = vlm_run
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "merit.cli", "train-branch",
+                           "--run-dir", str(out), "--branch", "0", "--out", str(tmp_path / "ddp")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    single = json.loads((out / "branches/0/manifest.json").read_text())
+    ddp = json.loads((tmp_path / "ddp/manifest.json").read_text())
+    assert ddp["sources"] == single["sources"] and ddp["tokens_seen"] == single["tokens_seen"]
+    assert ddp["steps"] == -(-single["steps"] // 2)  # two processes of batch_size each: half the steps
+    theta0 = weights(Path(json.loads((out / "theta0/manifest.json").read_text())["path"]))
+    w = weights(tmp_path / "ddp")
+    assert all(torch.equal(w[k], theta0[k]) for k in theta0 if k.startswith("visual."))
