@@ -20,11 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from merit import artifacts
 from merit.errors import MeritError
+from merit.merge.checkpoint import SIDE_FILES
 
 _ADAPTER_FILE = "adapter_model.safetensors"
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
-               "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
 
 def is_adapter(folder: Path) -> bool:
@@ -84,7 +82,7 @@ def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float],
         raise MeritError(f"{adapters[0]}: adapted weights {sorted(missing)[:3]} are not in θ(0) {theta0}")
     with artifacts.atomic_dir(out) as tmp:
         save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name in _SIDE_FILES:
+        for name in SIDE_FILES:
             if (Path(theta0) / name).exists():
                 shutil.copy2(Path(theta0) / name, tmp / name)
     return {"lora_weights_merged": changed, "tensors": len(merged)}
