@@ -303,6 +303,11 @@ def throughput(args, model, tokenizer) -> dict:
     compress(grads, CompressionSpec("countsketch", sketch_dim=65536))
     t_sketch = time.perf_counter() - t0
     del grads
+    # the memory-lean setting (micro-batch 1, layer checkpointing) on the same examples
+    t0 = time.perf_counter()
+    lean = est.mean_gradient(model, examples[b:], 1, tokenizer.pad_token_id, checkpointing=True)
+    t_lean = time.perf_counter() - t0
+    del lean
 
     # Trainer: the same examples and micro-batch, AdamW, full fine-tuning; per-step wall time
     hf_logging.set_verbosity_warning()
@@ -341,7 +346,8 @@ def throughput(args, model, tokenizer) -> dict:
             "sketch_overhead_200_examples": t_sketch / (t_grad * 200 / len(examples[b:])),
             "sketch_overhead_32_examples": t_sketch / (t_grad * 32 / len(examples[b:])),
             "trainer_steps_timed": len(step_times) - 1, "trainer_s": t_train, "trainer_tokens_per_s": train_tps,
-            "ratio": est_tps / train_tps}
+            "ratio": est_tps / train_tps, "lean_tokens_per_s": tokens / t_lean,
+            "lean_ratio": tokens / t_lean / train_tps}
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -414,20 +420,22 @@ def memory_child(args) -> None:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    grads = est.mean_gradient(model, calib, args.batch, tokenizer.pad_token_id)
+    grads = est.mean_gradient(model, calib, args.batch, tokenizer.pad_token_id, checkpointing=args.checkpointing)
     compress(grads, CompressionSpec("countsketch", sketch_dim=65536))
     del grads
     stop.set()
     th.join()
-    print(json.dumps({"batch": args.batch, "runtime_rss": base, "after_load_rss": loaded, "peak_rss": peak[0],
+    print(json.dumps({"batch": args.batch, "checkpointing": args.checkpointing, "runtime_rss": base, "after_load_rss": loaded, "peak_rss": peak[0],
                       "model_bytes": 4 * numel, "grad_bytes": 4 * numel}))
 
 
 def memory(args) -> list[dict]:
     rows = []
-    for b in args.memory_batches:
+    for b, ckpt in [(b, c) for c in (False, True) for b in args.memory_batches]:
         cmd = [sys.executable, __file__, "--part", "memory-child", "--model", str(args.model), "--data", str(args.data),
                "--batch", str(b), "--examples", str(args.examples), "--max-length", str(args.max_length)]
+        if ckpt:
+            cmd.append("--checkpointing")
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -471,6 +479,8 @@ def report(res: dict) -> str:
         lines += [f"throughput: {t['examples']} examples, micro-batch {t['micro_batch']}",
                   f"- estimation {t['estimate_tokens_per_s']:.0f} tokens/s vs Trainer step "
                   f"{t['trainer_tokens_per_s']:.0f} tokens/s: ratio {t['ratio']:.2f}×",
+                  f"- memory-lean estimation (micro-batch 1, layer checkpointing) {t['lean_tokens_per_s']:.0f} "
+                  f"tokens/s: ratio {t['lean_ratio']:.2f}× the Trainer step at micro-batch {t['micro_batch']}",
                   f"- count-sketch D=65536: {t['sketch_s']:.2f} s per source = {t['sketch_overhead_32_examples']:.1%} "
                   f"of a 32-example gradient, {t['sketch_overhead_200_examples']:.1%} of a 200-example one", ""]
     if "split" in res:
@@ -482,7 +492,8 @@ def report(res: dict) -> str:
         for m in res["memory"]:
             used = m["peak_rss"] - m["runtime_rss"]
             budget = 1.1 * (m["model_bytes"] + m["grad_bytes"])
-            lines.append(f"memory (micro-batch {m['batch']}): peak {used * mb:.0f} MB above the runtime vs model + "
+            ckpt = ", layer checkpointing" if m.get("checkpointing") else ""
+            lines.append(f"memory (micro-batch {m['batch']}{ckpt}): peak {used * mb:.0f} MB above the runtime vs model + "
                          f"gradients {(m['model_bytes'] + m['grad_bytes']) * mb:.0f} MB (+10% = {budget * mb:.0f} MB): "
                          f"{used / (m['model_bytes'] + m['grad_bytes']):.2f}×")
     return "\n".join(lines)
@@ -506,6 +517,7 @@ def main() -> None:
     p.add_argument("--memory-batches", type=int, nargs="+", default=[8, 1])
     p.add_argument("--seed-list", type=int, nargs="+", default=[1, 2, 3, 4], help="sketch seeds for --part seeds")
     p.add_argument("--seed-dims", type=int, nargs="+", default=[16384, 65536], help="sketch dims for --part seeds")
+    p.add_argument("--checkpointing", action="store_true", help="memory-child: layer gradient checkpointing")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args()

@@ -173,3 +173,46 @@ def test_mean_gradient_does_not_depend_on_batch_size():
     out.loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(a[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_takes_logits_only_at_label_positions_and_matches_the_full_loss():
+    model = _tiny_model()
+    batch = estimate_mod.pad_batch(_examples(3, n=4), 0)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    loss, n = estimate_mod.summed_token_loss(model, batch)
+    labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert n == labelled and seen == [(labelled, 40)]  # not (B, L, V)
+
+    class FullLogitsOnly(torch.nn.Module):  # a forward without logits_to_keep takes the fallback path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    full, n_full = estimate_mod.summed_token_loss(FullLogitsOnly(model), batch)
+    assert n_full == n and seen[-1] == (*batch["input_ids"].shape, 40)
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lean_gradient_paths_give_the_plain_autograd_gradient(checkpointing):
+    # tied embedding (SmolLM2's case): the head accumulates in place, the embedding's gradient is sparse
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ex = _examples(5, n=5)
+    lean = dict(estimate_mod.mean_gradient(model, ex, 2, 0, checkpointing=checkpointing))
+    # the model is left as it was: no patched forward, dense embedding, no checkpointing, eval mode
+    assert "forward" not in vars(model.lm_head) and not model.model.embed_tokens.sparse
+    assert not model.is_activation_checkpointing and not any(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    batch = estimate_mod.pad_batch(ex, 0)
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(lean[n], p.grad, rtol=1e-4, atol=1e-6)

@@ -109,6 +109,13 @@ class GradsConfig(_Section):
     """With ``countsketch`` / ``jl``: the compressed dimension D (4·D bytes per source). ``jl`` costs
     O(D × parameters) per source: keep it to a few thousand."""
     batch_size: int = Field(16, ge=1)
+    """Examples per forward/backward (a micro-batch): the mean gradient does not depend on it, memory
+    does (activations grow with it)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: about a third
+    more compute for the memory of one layer. With ``batch_size: 1`` estimation then needs about model +
+    gradients (1.04× on SmolLM2-135M, benchmarks/conflict_results.md). A memory setting only: it does
+    not change stored gradients' keys."""
 
 
 class SplitConfig(_Section):

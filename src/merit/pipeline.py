@@ -224,7 +224,7 @@ def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
             f"(≤{cfg.grads.calibration_size} examples each, compression {cfg.grads.compression})")
         stats = estimate(model, tokenizer, examples, stage, keys=keys, spec=spec,
                          calibration_size=cfg.grads.calibration_size, batch_size=cfg.grads.batch_size,
-                         seed=cfg.seed, device=device)
+                         seed=cfg.seed, device=device, checkpointing=cfg.grads.gradient_checkpointing)
         del model
         grad_s = sum(s["gradient_s"] for s in stats.values())
         comp_s = sum(s["compress_s"] for s in stats.values())

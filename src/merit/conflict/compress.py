@@ -149,7 +149,8 @@ class CountSketch:
                 v = cached[i]
             else:
                 v = torch.randint(0, 2 * self.dim, (m,), generator=gen, dtype=torch.int32).to(rows.device)
-                chunks.append(v)
+                if self.cache is not None:  # otherwise each chunk is freed once used (4M entries: 16 MB)
+                    chunks.append(v)
             for b in range(rows.shape[0]):  # 1-D index_add_ per row: the fast kernel for int32 indices
                 self.acc[b].index_add_(0, v, rows[b, a : a + m])
         if self.cache is not None and cached is None:
