@@ -38,6 +38,21 @@ def collect(folders: list[Path]) -> tuple[dict, list[str], list[int]]:
     return table, sources, sorted(seeds)
 
 
+def collect_transfer(folders: list[Path]) -> tuple[dict, list[str]]:
+    """{method: {seed: result}} from the folders' transfer/<method>.json (tasks outside the mixture)."""
+    table: dict[str, dict[int, dict]] = {}
+    sources: list[str] = []
+    for f in folders:
+        if not (f / "config.yaml").exists():
+            continue
+        seed = yaml.safe_load((f / "config.yaml").read_text())["seed"]
+        for res in sorted((f / "transfer").glob("*.json")):
+            r = json.loads(res.read_text())["result"]
+            table.setdefault(res.stem, {}).setdefault(seed, r)
+            sources = sources or list(r["per_source"])
+    return table, sources
+
+
 def cell(values: list[float], pct: bool = True) -> str:
     scale = 100 if pct else 1
     m = statistics.mean(values) * scale
@@ -45,6 +60,21 @@ def cell(values: list[float], pct: bool = True) -> str:
         return f"{m:.1f}" if pct else f"{m:.3f}"
     lo, hi = min(values) * scale, max(values) * scale
     return f"{m:.1f} ({lo:.1f}–{hi:.1f})" if pct else f"{m:.3f} ({lo:.3f}–{hi:.3f})"
+
+
+def method_table(table: dict, sources: list[str], lines: list[str]) -> None:
+    """Append the macro table (mean and min–max over seeds) and the per-source table to ``lines``."""
+    methods = sorted(table, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    lines += ["| method | seeds | macro score | mean eval loss |", "|---|---:|---:|---:|"]
+    for m in methods:
+        runs = list(table[m].values())
+        lines.append(f"| {m} | {len(runs)} | {cell([r['macro'] for r in runs])} | "
+                     f"{cell([r['loss'] for r in runs], pct=False)} |")
+    lines += ["", "Per source (mean over seeds, %):", "",
+              "| source | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for s in sources:
+        row = [cell([r["per_source"][s] for r in table[m].values()]).split(" ")[0] for m in methods]
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
 
 
 def main() -> None:
@@ -55,18 +85,14 @@ def main() -> None:
     table, sources, seeds = collect(args.folders)
     if not table:
         raise SystemExit("no finished run folder (results.json) among the arguments")
-    methods = sorted(table, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
     lines = [f"Seeds: {', '.join(map(str, seeds))}. Cells: mean over seeds (min–max). Scores in %.", "",
-             "| method | seeds | macro score | mean eval loss |", "|---|---:|---:|---:|"]
-    for m in methods:
-        runs = list(table[m].values())
-        lines.append(f"| {m} | {len(runs)} | {cell([r['macro'] for r in runs])} | "
-                     f"{cell([r['loss'] for r in runs], pct=False)} |")
-    lines += ["", "Per source (mean over seeds, %):", "",
-              "| source | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for s in sources:
-        row = [cell([r["per_source"][s] for r in table[m].values()]).split(" ")[0] for m in methods]
-        lines.append(f"| {s} | " + " | ".join(row) + " |")
+             "**Held-out examples of the 12 training tasks:**", ""]
+    method_table(table, sources, lines)
+    transfer, t_sources = collect_transfer(args.folders)
+    if transfer:
+        lines += ["", "**Transfer: 8 BIG-bench tasks in no training mixture** (25 examples each; "
+                  "the paper's claim is about benchmarks outside the training mixture):", ""]
+        method_table(transfer, t_sources, lines)
     img = args.out.parent / "img"
     for f in args.folders:
         if (f / "split/conflict.png").exists() and "-r2" in f.name:
@@ -84,9 +110,12 @@ def main() -> None:
         page = args.out.read_text()
         head, rest = page.split(marker_start, 1)
         tail = rest.split(marker_end, 1)[1]
-        args.out.write_text(f"{head}{marker_start}\n{text}{marker_end}{tail}")
+        page = f"{head}{marker_start}\n{text}{marker_end}{tail}"
     else:
-        args.out.write_text(f"{marker_start}\n{text}{marker_end}\n")
+        page = f"{marker_start}\n{text}{marker_end}\n"
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")  # written whole, then renamed
+    tmp.write_text(page)
+    tmp.replace(args.out)
     print(text)
 
 
