@@ -114,7 +114,7 @@ class GradsConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: about a third
     more compute for the memory of one layer. With ``batch_size: 1`` estimation then needs about model +
-    gradients (1.04× on SmolLM2-135M, benchmarks/conflict_results.md). A memory setting only: it does
+    gradients (1.09× on SmolLM2-135M, benchmarks/conflict_results.md). A memory setting only: it does
     not change stored gradients' keys."""
 
 
