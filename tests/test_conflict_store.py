@@ -189,8 +189,8 @@ def test_loss_takes_logits_only_at_label_positions_and_matches_the_full_loss():
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, use_cache=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
     full, n_full = estimate_mod.summed_token_loss(FullLogitsOnly(model), batch)
     assert n_full == n and seen[-1] == (*batch["input_ids"].shape, 40)

@@ -78,7 +78,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits  # (N, V): N labels
         targets = targets[keep]
     else:
-        logits = model(**model_inputs(batch), use_cache=False).logits
+        logits = model(**model_inputs(batch)).logits
         logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
     return loss, int(keep.sum())
