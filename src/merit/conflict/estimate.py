@@ -64,24 +64,34 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross entropy over label positions, and how many positions there were.
+def label_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every label token, and the batch row each belongs to (two 1-D tensors).
 
     Logits are computed only at the positions that have a label (a boolean ``logits_to_keep`` mask): with
     a 49k vocabulary the full (B, L, V) logits and their gradient are the largest transient of a backward
     pass, and on instruction data most positions are prompt. The labels are shifted instead of the
-    logits, so nothing of size V is copied. Same value as the loss over all positions.
+    logits, so nothing of size V is copied. Models without ``logits_to_keep`` get the full logits.
     """
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, L): position i predicts token i+1
     keep = targets != IGNORE
     if _accepts_logits_to_keep(model):
         logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits  # (N, V): N labels
-        targets = targets[keep]
     else:
-        logits = model(**model_inputs(batch)).logits
-        logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-    loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-    return loss, int(keep.sum())
+        logits = model(**model_inputs(batch)).logits[keep]
+    logp = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return logp, keep.nonzero()[:, 0]
+
+
+def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross entropy over label positions, and how many positions there were."""
+    logp, _ = label_logprobs(model, batch)
+    return -logp.sum(), logp.numel()
+
+
+def summed_logprob_per_row(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) sum of each row's label-token log-probabilities (a multiple-choice option's score)."""
+    logp, rows = label_logprobs(model, batch)
+    return torch.zeros(batch["labels"].shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
 
 
 def default_device() -> torch.device:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from merit.conflict.estimate import pad_batch, summed_token_loss
+from merit.conflict.estimate import pad_batch, summed_logprob_per_row, summed_token_loss
 from merit.data.chat import IGNORE, Tokenized, generation_prompt, tokenize_conversation
 from merit.evaluate.scoring import exact_match, is_multiple_choice, pick_choice, targets_of
 
@@ -65,11 +64,7 @@ def choice_logprobs(model, tokenizer, examples: list[dict], s: EvalSettings) -> 
     for b in range(0, len(order), s.batch_size):
         idx = order[b : b + s.batch_size]
         batch = _to(pad_batch([rows[j][1] for j in idx], tokenizer.pad_token_id), _device(model))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, L-1)
-        per_row = (logp * (labels != IGNORE)).sum(dim=1)
-        for j, v in zip(idx, per_row.tolist()):
+        for j, v in zip(idx, summed_logprob_per_row(model, batch).tolist()):
             sums[j] = v
     out = [([], []) for _ in examples]
     for (i, t), v in zip(rows, sums):

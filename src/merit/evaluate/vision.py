@@ -9,17 +9,13 @@ not truncated: cutting into an image's placeholder tokens would break the model'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from merit.conflict.estimate import model_inputs, summed_token_loss
+from merit.conflict.estimate import model_inputs, summed_logprob_per_row, summed_token_loss
 from merit.data.chat import IGNORE
 from merit.data.vision import (VisionCollator, VisionTokenized, prompt_for_generation, text_of,
                                tokenize_vision_conversation)
+from merit.evaluate.runner import _device
 from merit.evaluate.scoring import exact_match, is_multiple_choice, pick_choice, targets_of
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _batches(model, collate: VisionCollator, rows: list, size: int):
@@ -67,10 +63,7 @@ def choice_logprobs(model, processor, pad_id: int, examples: list[dict], s) -> l
     sums = [0.0] * len(rows)
     for idx, batch in _batches(model, VisionCollator(processor, pad_id), rows, s.batch_size):
         _reset_rope_cache(model)
-        logits = model(**model_inputs(batch)).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, L-1)
-        for j, v in zip(idx, (logp * (labels != IGNORE)).sum(dim=1).tolist()):
+        for j, v in zip(idx, summed_logprob_per_row(model, batch).tolist()):
             sums[j] = v
     out = [([], []) for _ in examples]
     for i, row, v in zip(owner, rows, sums):
