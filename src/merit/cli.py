@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
+from merit.argtypes import Parser
 from merit.data import llava
-from merit.errors import MeritError
+from merit.errors import MeritError, as_user_error
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
 from merit.merge import cli as merge_cli
@@ -23,7 +26,7 @@ DEMO_VLM_CONFIG = Path(__file__).parent / "configs" / "demo-vlm.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="merit", description="Decentralized instruction tuning (MERIT): "
+    p = Parser(prog="merit", description="Decentralized instruction tuning (MERIT): "
                                 "conflict-aware splitting and weight merging.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -52,17 +55,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's pre-emption), raised like Ctrl-C so that every ``finally`` runs:
+    temporary folders are removed and a branch records that it was interrupted."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary: a user's mistake is one ``merit: error:`` line and exit code 2; a bug of ours
+    keeps its traceback, exit code 1."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # merit never needs the hub; fail fast instead of hanging
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return _dispatch(args)
-    except MeritError as e:
-        print(f"merit: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"merit: {what}; rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        user = as_user_error(e)
+        if user is None:
+            traceback.print_exc()
+            print("merit: internal error: the traceback above is a bug in merit, not a problem with your input; "
+                  "please report it", file=sys.stderr)
+            return 1
+        print(f"merit: error: {one_line(str(user))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("merit: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(text: str) -> str:
+    """A message as one line: a multi-line one (e.g. from a library) is joined with ' / '."""
+    return " / ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -224,8 +224,9 @@ class LaunchConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Letters, digits, '_', '.', '-': it names the default run folder ``runs/<name>``."""
+    seed: int = Field(0, ge=0, lt=2**32)
     model: ModelConfig
     mixture: MixtureConfig
     prepare: PrepareConfig = PrepareConfig()
@@ -267,17 +268,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, origin: str, overridden: set[str] = frozenset()) -> str:
+    """Every problem at once, each with where it came from: ``--set key`` when an override gave it (or a
+    section above it), else the config file."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'")
+            text = f"unknown key '{loc}'"
         elif e["type"] == "missing":
-            parts.append(f"'{loc}' is required")
+            text = f"'{loc}' is required"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"'{loc}': {msg}" if loc else msg)
+            text = f"'{loc}': {msg}" if loc else msg
+        given = [k for k in overridden if loc == k or loc.startswith(k + ".") or (loc and k.startswith(loc + "."))]
+        parts.append(f"--set {min(given, key=len)}: {text}" if given else f"{origin}: {text}")
     return "; ".join(parts)
 
 
@@ -296,7 +301,9 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte at offset {e.start}); save the config as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
@@ -305,10 +312,11 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         base_dir = path.resolve().parent
     raw = apply_overrides(raw, overrides or [])
+    overridden = {".".join(parse_override(o)[0]) for o in overrides or []}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{origin}: {_describe(e)}") from None
+        raise ConfigError(_describe(e, origin, overridden)) from None
     _resolve_paths(cfg, base_dir)
     return cfg
 

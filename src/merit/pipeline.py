@@ -20,8 +20,9 @@ import torch
 from merit import artifacts, registry
 from merit.config import RunConfig, dump_config
 from merit.data import mixture as mixture_stage
-from merit.errors import ConfigError
+from merit.errors import ConfigError, notice
 from merit.models.loading import check_checkpoint, checkpoint_hash, load_for_training, load_model, load_tokenizer
+from merit.preflight import preflight
 from merit.split.partition import SplitInputs, token_weights
 
 STAGES = ("theta0", "mixture", "grads", "split", "branches", "merge", "joint", "eval", "report")
@@ -90,15 +91,11 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list) -> dict | N
         raise ConfigError(f"--until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
     check(cfg)
     out = Path(out)
+    # Every check that needs only the config, the files, θ(0)'s headers or the tokenizer, before any work.
+    reaches_eval = until is None or STAGES.index(until) >= STAGES.index("eval")
+    sources = preflight(cfg, out, reaches_eval)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-
-    # Read and validate every data file before any expensive stage, so bad input fails in seconds.
-    sources = mixture_stage.resolve_sources(cfg.mixture, out, cfg.seed)
-    if len(sources) < cfg.groups:
-        raise ConfigError(f"split.r={cfg.split.r} needs at least {cfg.groups} sources; the mixture has {len(sources)}")
-    for s in sources:
-        mixture_stage.read_source(s, cfg.mixture)
+    artifacts.write_text(out / "config.yaml", dump_config(cfg))
 
     def done(stage: str) -> bool:
         return until == stage
@@ -149,7 +146,13 @@ def stage_theta0(cfg: RunConfig, out: Path) -> tuple[Path, str, str]:
             artifacts.write_manifest(stage, key, path=str(folder), hash=digest)
         return folder, digest, key
     key = artifacts.fingerprint("theta0", cfg.model.preset, cfg.prepare.model_dump(), cfg.seed)
-    if not artifacts.is_done(stage, key):
+    done = artifacts.is_done(stage, key)
+    if done:  # a preset converted into a cache folder: the manifest names it, and it must still be there
+        named = Path(artifacts.read_manifest(stage).get("path", stage))
+        if not (named / "config.json").is_file():
+            notice(f"{stage / artifacts.MANIFEST}: names θ(0) at {named}, which is missing; preparing it again")
+            done = False
+    if not done:
         log(f"theta0: preparing preset {cfg.model.preset!r}")
         prepare = registry.get("model-preset", cfg.model.preset)
         with artifacts.atomic_dir(stage) as tmp:
@@ -426,6 +429,7 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
 
     cap = cfg.eval.max_per_source
     sources = {}
+    not_evaluated = [e["name"] for e in mixture["sources"] if not e["eval"]]
     for e in mixture["sources"]:
         if e["eval"]:
             limits = [x for x in (cap, cfg.mixture.max_eval_per_source) if x]
@@ -448,6 +452,8 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
         methods[name] = result
     results = {"methods": {n: {"macro": r["macro"], "loss": r["loss"], "per_source": r["per_source"]}
                            for n, r in methods.items()}}
+    if not_evaluated:  # no eval split (warned before any work): left out of every average, and said so
+        results["not_evaluated"] = not_evaluated
     artifacts.write_json(out / "results.json", results)
     return results
 

@@ -14,6 +14,7 @@ computation in store order; callers get C permuted into their own order.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,9 @@ def update_cosine(store: Path, names: list[str], keys: dict[str, str]) -> np.nda
     cache = store / COSINE_CACHE
     old_keys: list[str] = []
     old_c = np.zeros((0, 0))
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            old_keys, old_c = [str(k) for k in z["keys"]], z["matrix"]
+    cached = _read_cache(cache)
+    if cached is not None:
+        old_keys, old_c = cached
     by_key = {keys[n]: n for n in names}
     keep = 0
     while keep < len(old_keys) and old_keys[keep] in by_key:
@@ -97,6 +98,23 @@ def update_cosine(store: Path, names: list[str], keys: dict[str, str]) -> np.nda
     pos = {k: i for i, k in enumerate(order)}
     perm = [pos[keys[n]] for n in names]
     return c[np.ix_(perm, perm)]
+
+
+def _read_cache(cache: Path) -> tuple[list[str], np.ndarray] | None:
+    """(row keys, C) of the cosine cache; None when absent or damaged (then C is recomputed from the vectors)."""
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            keys, c = [str(k) for k in z["keys"]], np.asarray(z["matrix"])
+        if c.shape != (len(keys), len(keys)):
+            raise ValueError("matrix and keys disagree")
+        return keys, c
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        from merit.errors import notice
+
+        notice(f"{cache}: damaged ({type(e).__name__}); recomputing the cosine matrix from the stored gradients")
+        return None
 
 
 def write_store_manifest(store: Path, stage_key: str, names: list[str], keys: dict[str, str],
@@ -123,11 +141,10 @@ def load_conflict(store: Path) -> tuple[list[str], np.ndarray]:
     m = artifacts.read_manifest(store)
     names = [e["name"] for e in m["sources"]]
     keys = {e["name"]: e.get("key") for e in m["sources"]}
-    cache = Path(store) / COSINE_CACHE
-    if cache.exists() and all(keys.values()):
-        with np.load(cache, allow_pickle=False) as z:
-            pos = {str(k): i for i, k in enumerate(z["keys"])}
-            if all(keys[n] in pos for n in names):
-                perm = [pos[keys[n]] for n in names]
-                return names, z["matrix"][np.ix_(perm, perm)]
+    cached = _read_cache(Path(store) / COSINE_CACHE)
+    if cached is not None and all(keys.values()):
+        pos = {k: i for i, k in enumerate(cached[0])}
+        if all(keys[n] in pos for n in names):
+            perm = [pos[keys[n]] for n in names]
+            return names, cached[1][np.ix_(perm, perm)]
     return names, cosine_matrix(load_vectors(store, names))  # a run folder from before the cache existed

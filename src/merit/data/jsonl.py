@@ -28,11 +28,16 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named by its number
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
@@ -64,6 +69,29 @@ def check_example(ex: object, where: str) -> None:
             )
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: no assistant turn; every example needs one (the loss is on assistant tokens)")
+    check_answer_fields(ex, where)
+
+
+def check_answer_fields(ex: dict, where: str) -> None:
+    """The optional scoring fields, strictly: a wrong type would otherwise be ignored and the example
+    silently scored another way (``targets`` as a string, an ``answer_index`` outside ``choices``)."""
+    targets = ex.get("targets")
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) for t in targets)):
+        raise DataError(f"{where}: 'targets' must be a non-empty list of strings (accepted answers), "
+                        f"got {json.dumps(targets)[:60]}")
+    choices, index = ex.get("choices"), ex.get("answer_index")
+    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
+                                or not all(isinstance(c, str) for c in choices)):
+        raise DataError(f"{where}: 'choices' must be a list of at least two strings")
+    if index is not None:
+        if choices is None:
+            raise DataError(f"{where}: 'answer_index' needs a 'choices' list to index into")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(choices):
+            raise DataError(f"{where}: 'answer_index' {json.dumps(index)} is not an index into 'choices' "
+                            f"(0..{len(choices) - 1})")
+    elif choices is not None:
+        raise DataError(f"{where}: 'choices' without 'answer_index'; give the index of the right choice")
 
 
 def write_examples(path: str | Path, examples: list[dict]) -> None:

@@ -22,8 +22,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
+from merit.artifacts import check_output_file
+from merit.argtypes import nonnegative_int
 from merit.data.jsonl import write_examples
 from merit.data.vision import mixture_root
 from merit.errors import DataError
@@ -32,22 +35,34 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 MARKER = "<image>"
 
 
-def read_records(path: Path) -> list:
-    """A LLaVA file's records: a JSON list, or JSON Lines (one record per line)."""
+def read_records(path: Path) -> list[tuple[str, object]]:
+    """A LLaVA file's records, each with where it is (``file: record i`` of a JSON list, ``file:line`` of
+    JSON Lines)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     try:
-        if text.lstrip().startswith("["):
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); re-encode the file as UTF-8") \
+            from None
+    if text.lstrip().startswith("["):
+        try:
             records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of LLaVA records")
-    return records
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        return [(f"{path}: record {i}", r) for i, r in enumerate(records)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):  # JSON Lines: the error names the file's own line
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return out
 
 
 def _content(value: str) -> str | list[dict]:
@@ -122,10 +137,13 @@ def convert(input_path: Path, out: Path, image_root: Path | None = None, eval_si
     image_root = Path(image_root) if image_root is not None else input_path.parent
     root = mixture_root(out)
     source = out.stem
+    if out.suffix != ".jsonl" or not re.match(r"^[A-Za-z0-9_.\-]+$", source):
+        raise DataError(f"--out {out}: expected DIR/train/<source>.jsonl with a source name of letters, digits, "
+                        "'_', '.', '-'")
+    check_output_file(out, "--out")
     rows, skipped = [], 0
-    for i, record in enumerate(read_records(input_path)):
-        where = f"{input_path}: record {i}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record
-                                               else "")
+    for i, (at, record) in enumerate(read_records(input_path)):
+        where = at + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record else "")
         example, images = convert_record(record, where, source, i)
         resolved = [(Path(p) if Path(p).is_absolute() else image_root / p).resolve() for p in images]
         missing = next((p for p in resolved if not p.is_file()), None)
@@ -170,8 +188,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="DIR/train/<source>.jsonl (the stem names the source)")
     p.add_argument("--image-root", type=Path, help="folder the 'image' paths are relative to (default: the "
                    "input's folder)")
-    p.add_argument("--eval-size", type=int, default=0, help="hold out N examples into DIR/eval/<source>.jsonl")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice")
+    p.add_argument("--eval-size", type=nonnegative_int, default=0, help="hold out N examples into DIR/eval/<source>.jsonl")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the held-out choice")
     p.add_argument("--skip-missing", action="store_true", help="drop examples whose image is missing")
 
 

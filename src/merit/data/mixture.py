@@ -123,6 +123,10 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int, where: s
     return out, truncated, skipped
 
 
+def all_truncated_message(path: Path) -> str:
+    return f"{path}: every example lost its assistant tokens to truncation; raise mixture.max_length"
+
+
 def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, key: str) -> dict:
     """Run the mixture stage: count s_t and n_t per source and write the manifest last."""
     stage = Path(run_dir) / "mixture"
@@ -131,7 +135,7 @@ def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, k
         train, ev = read_source(s, cfg)
         toks, truncated, skipped = tokenize_examples(tokenizer, train, cfg.max_length, str(s.train))
         if not toks:
-            raise DataError(f"{s.train}: every example lost its assistant tokens to truncation; raise mixture.max_length")
+            raise DataError(all_truncated_message(s.train))
         entries.append(
             {
                 "name": s.name,

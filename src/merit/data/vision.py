@@ -93,8 +93,23 @@ def resolve_images(example: dict, jsonl: Path, where: str, n_parts: int) -> None
         full = full if full.is_absolute() else root / full
         if not full.is_file():
             raise DataError(f"{where}: image not found: {full}")
+        check_image(full, where)
         out.append(str(full.resolve()))
     example["images"] = out
+
+
+def check_image(path: Path, where: str) -> None:
+    """Refuse a file that is not a readable image, from its header alone (cheap: no pixels decoded), so a
+    bad image fails when the data is read, not hours later in a training batch."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if not img.size or min(img.size) < 1:
+                raise OSError("empty image")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e}); "
+                        "replace or remove it") from None
 
 
 def image_parts(messages: Sequence[dict]) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from merit.argtypes import int_at_least, positive_int
 from merit.errors import MeritError
 
 
@@ -14,10 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", type=Path, help="HF checkpoint folder or LoRA adapter folder")
     p.add_argument("--mixture", type=Path, required=True, help="folder with eval/<source>.jsonl")
     p.add_argument("--include", nargs="+", metavar="SOURCE", help="only these sources")
-    p.add_argument("--max-per-source", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-per-source", type=positive_int, default=None)
+    p.add_argument("--max-length", type=int_at_least(8), default=256)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
     p.add_argument("--normalize", choices=["whitespace", "lower"], default="whitespace")
     p.add_argument("--length-normalized", action="store_true", help="rank MC choices by mean log-prob per token")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from merit.merge.lora import is_adapter
     from merit.models.loading import load_tokenizer
 
+    if args.out is not None:
+        artifacts.check_output_file(args.out, "--out")
     folder = args.mixture / "eval"
     if not folder.is_dir():
         raise MeritError(f"{args.mixture}: --mixture needs an eval/ folder of <source>.jsonl files")
@@ -45,7 +48,17 @@ def run(args: argparse.Namespace) -> int:
     sources = {n: read_examples(folder / f"{n}.jsonl", args.max_per_source) for n in names}
     tok_dir = args.checkpoint
     if is_adapter(args.checkpoint):
-        tok_dir = json.loads((args.checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+        config = args.checkpoint / "adapter_config.json"
+        try:
+            tok_dir = json.loads(config.read_text())["base_model_name_or_path"]
+        except (ValueError, KeyError, TypeError):
+            raise MeritError(f"{config}: not a PEFT adapter config (no base_model_name_or_path); re-save the "
+                             "adapter") from None
+    else:
+        from merit.models.loading import check_checkpoint
+        from merit.preflight import check_weights
+
+        check_weights(check_checkpoint(args.checkpoint))
     tokenizer = load_tokenizer(tok_dir)
     model = load_eval_model(args.checkpoint, args.dtype)
     settings = EvalSettings(args.max_length, args.batch_size, args.max_new_tokens, args.normalize,

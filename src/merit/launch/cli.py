@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from merit.argtypes import positive_int
 from merit import artifacts
 from merit.errors import ConfigError, DataError, MeritError
 
@@ -51,7 +52,7 @@ def add_parser(subparsers) -> None:
     tb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set launch.save_steps=50 (what changes the result "
                     "changes the branch key too)")
-    tb.add_argument("--threads", type=int, help="torch CPU threads (default: launch.cpus_per_branch, else torch's)")
+    tb.add_argument("--threads", type=positive_int, help="torch CPU threads (default: launch.cpus_per_branch, else torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,9 +104,9 @@ def _train_branch(args: argparse.Namespace) -> int:
 
 def _variant_name(plan: dict) -> str:
     k = len(plan["groups"])
-    if plan["method"] == "pca-median":
+    if plan.get("method") == "pca-median" and "r" in plan:
         return f"merit-r{plan['r']}"
-    return f"{plan['method']}-k{k}"
+    return f"{plan.get('method', 'plan')}-k{k}"
 
 
 def job_from_args(args: argparse.Namespace):
@@ -141,8 +142,12 @@ def job_from_args(args: argparse.Namespace):
         plan_file = root / "split" / "plan.json"
         if not plan_file.exists():
             raise MeritError(f"{plan_file}: no plan; run `merit run ... --until split` first")
-        plan = artifacts.read_json(plan_file)
-        split_key = artifacts.read_manifest(root / "split")["key"]
+        plan = _read_plan(plan_file)
+        split_manifest = artifacts.read_manifest(root / "split")
+        if split_manifest is None:
+            raise MeritError(f"{root / 'split'}: the split stage is not done (no readable manifest); run "
+                             "`merit run ... --until split` first")
+        split_key = split_manifest["key"]
         k = _group_index(args.branch, plan, plan_file)
         out = args.out or root / "branches" / str(k)
     else:
@@ -154,16 +159,21 @@ def job_from_args(args: argparse.Namespace):
         if args.variant:
             raise ConfigError("--variant goes with --run")
         cfg = load_config(args.config, args.overrides)
-        plan = _read(args.plan)
+        plan = _read_plan(args.plan)
         split_manifest = artifacts.read_manifest(args.plan.parent)
         # The key of a plan that travelled without its manifest is that of its content: such a branch
         # is still checked against the plan, but the pipeline will not recognise it as its own.
         split_key = split_manifest["key"] if split_manifest else artifacts.fingerprint("plan", plan)
         theta0 = args.theta0
         theta0_hash = checkpoint_hash(check_checkpoint(theta0))
-        mixture = remap_mixture(_read(args.mixture_manifest), args.data_root)
+        mixture = _read(args.mixture_manifest)
+        if not isinstance(mixture, dict) or not isinstance(mixture.get("sources"), list):
+            raise DataError(f"{args.mixture_manifest}: not a mixture manifest (no 'sources' list); give "
+                            "RUN/mixture/manifest.json")
+        mixture = remap_mixture(mixture, args.data_root)
         k = _group_index(args.branch, plan, args.plan)
         out = args.out
+    artifacts.check_output_dir(out)
     group = plan["groups"][k]
     known = {e["name"] for e in mixture["sources"]}
     if not set(group) <= known:
@@ -177,8 +187,19 @@ def _read(path: Path) -> dict:
         raise MeritError(f"{path}: file not found")
     try:
         return artifacts.read_json(path)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise MeritError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_plan(path: Path) -> dict:
+    """A plan file, checked to be one: an object whose ``groups`` is a non-empty list of lists of names."""
+    plan = _read(path)
+    groups = plan.get("groups") if isinstance(plan, dict) else None
+    if not isinstance(groups, list) or not groups or not all(
+            isinstance(g, list) and g and all(isinstance(n, str) for n in g) for g in groups):
+        raise DataError(f"{path}: not a merit plan (expected an object whose 'groups' is a list of lists of source "
+                        "names); give RUN/split/plan.json")
+    return plan
 
 
 def _group_index(text: str, plan: dict, where: Path) -> int:

@@ -126,7 +126,13 @@ def overview(run_dir: Path) -> tuple[list[str], dict[str, int]]:
         lines.append(f"{'split' + tag:<24} {_stage(root / 'split')}")
         if not plan_file.exists():
             continue
-        groups = artifacts.read_json(plan_file)["groups"]
+        try:
+            groups = artifacts.read_json(plan_file)["groups"]
+            if not isinstance(groups, list):
+                raise ValueError("no groups list")
+        except (OSError, ValueError, KeyError, TypeError):
+            lines.append(f"{'branches' + tag:<24} unknown: {plan_file} is damaged (a rerun of merit run redoes the split)")
+            continue
         block, done = [], 0
         for k in range(len(groups)):
             state, line = _job_line(f"branch {k}", root / "branches" / str(k), run_dir)

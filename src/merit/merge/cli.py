@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from merit.argtypes import nonnegative_int, positive_int
 from merit.errors import MeritError
 
 METHODS = ("token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties")
@@ -45,9 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "ties, dare, dare-ties; default 1)")
     p.add_argument("--no-rescale", dest="rescale", action="store_false", default=None,
                    help="dare: do not divide kept entries by density")
-    p.add_argument("--seed", type=int, help="dare, dare-ties: run seed (each tensor's seed derives from it)")
+    p.add_argument("--seed", type=nonnegative_int, help="dare, dare-ties: run seed (each tensor's seed derives from it)")
     p.add_argument("--device", help="where the arithmetic runs (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, help="reader/merger threads (default: the usable CPUs, at most 4)")
+    p.add_argument("--workers", type=positive_int, help="reader/merger threads (default: the usable CPUs, at most 4)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--export-mergekit", type=Path, metavar="FILE",
                    help="also write the equivalent mergekit YAML config to FILE")
@@ -151,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
     from merit.merge.operators import resolve
 
     op = resolve(args.method)
+    if not args.export_only:
+        artifacts.check_output_dir(args.out)
+    if args.export_mergekit is not None:
+        artifacts.check_output_file(args.export_mergekit, "--export-mergekit")
     branches = list(args.checkpoints)
     weights, source = _weights(args.weights, branches)
     params = _params(args, op)

@@ -4,6 +4,7 @@ trainable-parameter subset that gradient estimation and training share."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -18,8 +19,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def check_checkpoint(folder: str | Path, allow_pickle: bool = False) -> Path:
     """The folder, if it is a checkpoint merit may load; a one-line MeritError saying what to do otherwise."""
     folder = Path(folder)
+    if not folder.exists():
+        raise MeritError(f"{folder}: checkpoint folder not found; check model.path (or the path given)")
+    if not folder.is_dir():
+        raise MeritError(f"{folder}: is a file; a checkpoint is a folder with config.json and weights")
     if not (folder / "config.json").is_file():
         raise MeritError(f"{folder}: not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MeritError(f"{folder / 'config.json'}: not valid JSON ({e}); re-save the checkpoint") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise MeritError(f"{folder / 'config.json'}: not a transformers model config (no 'model_type')")
     if not any(folder.glob("*.safetensors")):
         if any(folder.glob("*.bin")) and not allow_pickle:
             raise MeritError(f"{folder}: weights are pickled (.bin), which can run code when loaded; convert them "
@@ -77,8 +88,8 @@ def select_trainable(model, trainable: list[str] | None = None, frozen: list[str
 
     Returns the number of trainable parameters. Raises MeritError when nothing is left to train.
     """
-    keep = [re.compile(p) for p in trainable] if trainable else None
-    drop = [re.compile(p) for p in frozen]
+    keep = compile_patterns(trainable, "model.trainable") if trainable else None
+    drop = compile_patterns(frozen, "model.frozen")
     count = 0
     for name, p in model.named_parameters():
         on = (keep is None or any(k.search(name) for k in keep)) and not any(d.search(name) for d in drop)
@@ -87,6 +98,61 @@ def select_trainable(model, trainable: list[str] | None = None, frozen: list[str
     if count == 0:
         raise MeritError(f"model.trainable / model.frozen leave no parameter to train (patterns {trainable} / {list(frozen)})")
     return count
+
+
+def compile_patterns(patterns, field: str) -> list[re.Pattern]:
+    """Regular expressions of a config list; a one-line MeritError naming ``field[i]`` for a bad one."""
+    out = []
+    for i, p in enumerate(patterns):
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise MeritError(f"{field}[{i}]: {p!r} is not a valid regular expression ({e})") from None
+    return out
+
+
+def meta_model(folder: str | Path, trust_remote_code: bool = False):
+    """θ(0)'s architecture on the meta device: every parameter name and shape, no weights, in about a
+    second whatever the model's size (what the pre-work checks of ``model.trainable`` look at)."""
+    from transformers import AutoConfig
+
+    from merit.models.vlm import is_vlm
+
+    folder = check_checkpoint(folder, allow_pickle=True)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise MeritError(f"{folder / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]})") from None
+    auto = AutoModelForCausalLM
+    if is_vlm(folder):
+        from transformers import AutoModelForImageTextToText as auto
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_trainable(model, model_cfg, lora_cfg=None) -> None:
+    """Apply the trainable-subset rules of :func:`load_for_training` to ``model`` (a meta model will do)
+    and raise the one-line MeritError a real load would raise later: no parameter left to train, or a
+    LoRA target module that no module name ends with."""
+    from merit.models import vlm
+
+    is_vlm = vlm.model_family(model) is not None
+    if lora_cfg is None:
+        frozen = list(model_cfg.frozen)
+        if is_vlm and model_cfg.trainable is None:
+            frozen = vlm.language_model_only(model, frozen)
+        select_trainable(model, model_cfg.trainable, frozen)
+        return
+    targets = vlm.lora_targets(model, list(lora_cfg.target_modules)) if is_vlm else list(lora_cfg.target_modules)
+    modules = [n for n, _ in model.named_modules()]
+    for i, t in enumerate(lora_cfg.target_modules):
+        if is_vlm or t == "all-linear":
+            continue  # resolved to full names by vlm.lora_targets, which refuses names it cannot place
+        if not any(n == t or n.endswith("." + t) for n in modules):
+            raise MeritError(f"train.lora.target_modules[{i}]: no module of θ(0) is named {t!r} "
+                             f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in modules if n})[:8])}, ...)")
+    if not targets:
+        raise MeritError("train.lora.target_modules: no module of θ(0) matches")
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

@@ -19,15 +19,11 @@ from merit.registry import register
 @register("model-preset", "tiny")
 def prepare_tiny(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 128) -> dict:
     """Build, warm up and save the tiny θ(0) into folder ``out`` (which must be empty)."""
-    from merit.data.builtin import builtin_mixture
     from merit.data.mixture import tokenize_examples
-    from merit.models.tiny import build_model, build_tokenizer, save_checkpoint
+    from merit.models.tiny import build_model, save_checkpoint
     from merit.train.trainer import train
 
-    warmup = builtin_mixture(n_train=cfg.examples_per_task, n_eval=1, seed=seed, warmup=True)
-    examples = [ex for train_split, _ in warmup.values() for ex in train_split]
-    corpus = [f"{m['role']}\n{m['content']}" for ex in examples for m in ex["messages"]]
-    tokenizer = build_tokenizer(corpus)
+    warmup, examples, tokenizer = _tiny_warmup_and_tokenizer(cfg, seed)
     model = build_model(tokenizer, seed)
     tokenized, _, _ = tokenize_examples(tokenizer, examples, max_length, "built-in warm-up mixture")
     hp = TrainConfig(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, epochs=cfg.epochs)
@@ -39,6 +35,38 @@ def prepare_tiny(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 128
         "warmup_tasks": list(warmup),
         "warmup": stats,
     }
+
+
+def _tiny_warmup_and_tokenizer(cfg: PrepareConfig, seed: int):
+    """The warm-up mixture and the tokenizer trained on it: deterministic in (cfg, seed), so a probe made
+    before the warm-up has exactly the tokenizer θ(0) will have."""
+    from merit.data.builtin import builtin_mixture
+    from merit.models.tiny import build_tokenizer
+
+    warmup = builtin_mixture(n_train=cfg.examples_per_task, n_eval=1, seed=seed, warmup=True)
+    examples = [ex for train_split, _ in warmup.values() for ex in train_split]
+    corpus = [f"{m['role']}\n{m['content']}" for ex in examples for m in ex["messages"]]
+    return warmup, examples, build_tokenizer(corpus)
+
+
+def probe(preset: str, cfg: PrepareConfig, seed: int):
+    """(tokenizer or None, model on the meta device) of a preset *before* it is built: what the pre-work
+    checks need (parameter names for ``model.trainable``, the tokenizer for truncation) without the
+    minutes of warm-up. None for a preset that has nothing cheap to show before it exists."""
+    import torch
+
+    if preset == "tiny":
+        from merit.models.tiny import build_model
+
+        tokenizer = _tiny_warmup_and_tokenizer(cfg, seed)[2]
+        with torch.device("meta"):
+            return tokenizer, build_model(tokenizer, seed)
+    if preset == "tiny-vlm":  # the names do not depend on the vocabulary: a one-line corpus is enough
+        from merit.models.tiny_vlm import build_model, build_processor
+
+        with torch.device("meta"):
+            return None, build_model(build_processor(["user assistant"]), seed)
+    return None
 
 
 @register("model-preset", "tiny-vlm")

@@ -13,4 +13,6 @@ def format_table(results: dict, markdown: bool = False) -> str:
     else:
         lines = [f"{'method':<{width}}  macro EM  eval loss", f"{'-' * width}  --------  ---------"]
         lines += [f"{n:<{width}}  {m:8.4f}  {loss:9.4f}" for n, m, loss in rows]
+    if results.get("not_evaluated"):  # sources with no eval split: the averages leave them out
+        lines += ["", f"not evaluated (no eval split): {', '.join(results['not_evaluated'])}"]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from merit.argtypes import positive_int
 from merit.errors import ConfigError
 
 
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, help="with CONFIG: the run folder (default: runs/<name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set split.r=3 (repeatable)")
-    p.add_argument("--random-seeds", type=int, default=32, metavar="N",
+    p.add_argument("--random-seeds", type=positive_int, default=32, metavar="N",
                    help="random splits averaged for the reference row (default: 32)")
     p.add_argument("--groups", action="store_true", help="also list each method's groups")
 
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if artifacts.read_manifest(grads) is None or mixture is None:
         raise ConfigError(f"{folder}: no finished gradients stage; run `merit run CONFIG --until grads` first")
     names, conflict = load_conflict(grads)
+    if len(names) < 2 ** cfg.split.r:
+        raise ConfigError(f"split.r={cfg.split.r} needs at least {2 ** cfg.split.r} sources; {folder} has gradients "
+                          f"of {len(names)}")
     entry = {e["name"]: e for e in mixture["sources"]}
     missing = [n for n in names if n not in entry]
     if missing:
