@@ -150,7 +150,12 @@ def check_output_file(path: Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise MeritError(f"{flag} {path}: is a folder; give a file path")
-    check_output_dir(path.parent, flag)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MeritError(f"{flag} {path}: {parent} is a file, so no folder can be made below it; choose another {flag}")
+    check_output_dir(parent, flag)
     return path
 
 

@@ -44,9 +44,9 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
             from merit.data.vision import has_parts
 
             parts_at = next((f"{s.train} example {i + 1}" for i, ex in enumerate(train) if has_parts(ex)), None)
+    check_model(cfg, out, sources, parts_at)
     if reaches_eval:
         check_eval_splits(sources)
-    check_model(cfg, out, sources, parts_at)
     return sources
 
 

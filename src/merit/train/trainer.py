@@ -25,6 +25,7 @@ from merit.config import TrainConfig
 from merit.data.chat import IGNORE, Tokenized
 from merit.data.vision import VisionDataset, collator_for
 from merit.errors import MeritError
+from merit.train.health import StopOnStall
 
 
 class NonFiniteLoss(MeritError):
@@ -168,6 +169,7 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
         if progress:
             trainer.add_callback(_Bar(desc))
         trainer.add_callback(StopOnNonFiniteLoss())
+        trainer.add_callback(StopOnStall(cfg.learning_rate))
         if report is not None:
             trainer.add_callback(_Report(report))
         # Checkpoint saves would each print a "Writing model shards" bar through our progress bar.
