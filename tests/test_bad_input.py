@@ -122,6 +122,16 @@ def test_config_not_utf8(capsys, tmp_path):
     one_error(*run_cli(capsys, "run", tmp_path / "c.yaml")[::2], "c.yaml: not UTF-8")
 
 
+def test_config_key_given_twice(capsys, tmp_path, config):
+    text = config().read_text()
+    (tmp_path / "c.yaml").write_text(text + "name: again\n")
+    one_error(*run_cli(capsys, "run", tmp_path / "c.yaml")[::2], "c.yaml:", "key 'name' is given twice")
+
+
+def test_empty_model_path(capsys, tmp_path, config):
+    bad_run(capsys, config(), tmp_path / "run", "model.path: empty path", extra=("--set", "model.path="))
+
+
 def test_config_top_level_list(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("- a\n- b\n")
     one_error(*run_cli(capsys, "run", tmp_path / "c.yaml")[::2], "c.yaml: expected a mapping")

@@ -243,6 +243,20 @@ class RunConfig(_Section):
         return 2**self.split.r
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``split.r=1`` -> (["split", "r"], 1); the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in text:
@@ -301,7 +315,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte at offset {e.start}); save the config as UTF-8") from None
         except yaml.YAMLError as e:
@@ -322,14 +336,16 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:
-    def res(p: str | None) -> str | None:
+    def res(p: str | None, field: str = "a path") -> str | None:
+        if p is not None and not str(p).strip():
+            raise ConfigError(f"{field}: empty path; give a folder or file, or leave the key out")
         return None if p is None else str((base / Path(p).expanduser()).resolve())
 
-    cfg.model.path = res(cfg.model.path)
-    cfg.mixture.dir = res(cfg.mixture.dir)
-    for s in cfg.mixture.sources or []:
-        s.train = res(s.train)
-        s.eval = res(s.eval)
+    cfg.model.path = res(cfg.model.path, "model.path")
+    cfg.mixture.dir = res(cfg.mixture.dir, "mixture.dir")
+    for i, s in enumerate(cfg.mixture.sources or []):
+        s.train = res(s.train, f"mixture.sources[{i}].train")
+        s.eval = res(s.eval, f"mixture.sources[{i}].eval")
 
 
 def dump_config(cfg: RunConfig) -> str:
