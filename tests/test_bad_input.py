@@ -340,6 +340,18 @@ def test_some_eval_splits_missing_is_a_warning(capsys, tmp_path, config, mix):
     assert err.startswith("merit: warning:") and "upper_rev" in err and "not_evaluated" in err
 
 
+def test_source_without_eval_is_marked_in_results(capsys, tmp_path, config, mix):
+    (mix / "eval" / "upper_rev.jsonl").unlink()
+    out = tmp_path / "run"
+    rc, printed, err = run_cli(capsys, "run", config(), "--out", out)
+    assert rc == 0, err
+    assert [line for line in err.splitlines() if line.startswith("merit: warning:") and "upper_rev" in line]
+    results = json.loads((out / "results.json").read_text())
+    assert results["not_evaluated"] == ["upper_rev"]
+    assert all("upper_rev" not in m["per_source"] for m in results["methods"].values())
+    assert "not evaluated (no eval split): upper_rev" in printed
+
+
 def test_content_parts_with_text_model_fail_before_work(capsys, tmp_path, config, mix):
     from PIL import Image
 
