@@ -482,4 +482,4 @@ def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:
         lines += [f"- group {k}: {', '.join(g)}" for k, g in enumerate(v.plan["groups"])]
         lines.append("")
     lines += ["![conflict matrix](split/conflict.png)", "", "![PCA of the conflict matrix](split/pca.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    artifacts.write_text(out / "report.md", "\n".join(lines))

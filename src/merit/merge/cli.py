@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         if op.needs_base and args.base is None:
             raise MeritError(f"--method {op.name} works on task vectors θ_k − θ(0): give θ(0) with --base")
         args.export_mergekit.parent.mkdir(parents=True, exist_ok=True)
-        args.export_mergekit.write_text(mergekit_yaml(branches, weights, op.name, params, args.base, args.dtype))
+        artifacts.write_text(args.export_mergekit, mergekit_yaml(branches, weights, op.name, params, args.base,
+                                                                 args.dtype))
         print(f"mergekit config: {args.export_mergekit}", file=sys.stderr)
         if args.export_only:
             return 0

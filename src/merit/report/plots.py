@@ -34,8 +34,7 @@ def conflict_heatmap(matrix: np.ndarray, sources: list[str], groups: list[list[s
     fig.colorbar(im, ax=ax, label="cosine of mean gradients")
     ax.set_title("conflict matrix C, ordered by group")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def pca_scatter(scores: np.ndarray, sources: list[str], groups: list[list[str]], out: Path) -> None:
@@ -53,5 +52,18 @@ def pca_scatter(scores: np.ndarray, sources: list[str], groups: list[list[str]],
     ax.legend(fontsize=8)
     ax.set_title("PCA of the conflict matrix, coloured by group")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
+    """Save under a temporary name, then rename: a kill mid-save never leaves half a picture."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
