@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merit.errors import ConfigError
 
@@ -25,6 +25,11 @@ class ModelConfig(_Section):
     """A local Hugging Face checkpoint folder used as θ(0): a causal LM, or a vision-language model (a
     config with ``vision_config``, loaded with ``AutoModelForImageTextToText`` and its processor)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype θ(0) is loaded in for evaluation, and what ``train.precision`` defaults from (``bfloat16``:
+    bf16 mixed precision, never pure bf16 training). Gradient estimation always runs in fp32."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel, passed to transformers: ``sdpa`` (PyTorch's fused attention), ``eager`` (plain
+    matmuls), ``flash_attention_2`` (needs the flash-attn package and a CUDA GPU; bf16/fp16 only)."""
     trainable: list[str] | None = None
     """Regular expressions over in-memory parameter names: only matching parameters are trained (and
     enter the gradients). Default: all parameters; for a vision-language model, the language model only
@@ -158,11 +163,58 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
     lr_scheduler: str = "cosine"
+    """A transformers scheduler name (``SchedulerType``): ``cosine``, ``linear``, ``constant_with_warmup``, ..."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of full weights (PEFT). Branches are merged in weight space."""
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None
+    """``fp32``; ``bf16`` / ``fp16``: mixed precision (fp32 master weights and AdamW state, autocast
+    compute; fp16 with loss scaling, CUDA only); ``bf16-pure``: bf16 weights, gradients and optimizer
+    state — at small learning rates most updates round away (warned). Default: from ``model.dtype``
+    (float32 → fp32, bfloat16 → bf16, float16 → fp16), i.e. mixed precision for a half-precision θ(0)."""
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """dtype of the weights a branch saves. Default: that of θ(0)'s checkpoint files."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (transformers' gradient checkpointing, non-reentrant):
+    about a third more compute for the activation memory of one layer. Same gradients."""
+    optim: str = "adamw_torch"
+    """Any Trainer optimizer name (transformers ``OptimizerNames``): ``adamw_torch``, ``adamw_torch_fused``,
+    ``adafactor``, ``adamw_8bit`` (bitsandbytes), ..."""
+    dataloader_num_workers: int = Field(0, ge=0)
+    """Worker processes that collate batches (and load images) while the model computes."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (transformers' LengthGroupedSampler): less padding."""
+    packing: bool = False
+    """Text models: padding-free batches — a batch's examples are concatenated into one row with
+    restarting position ids, attention never crosses an example boundary (transformers'
+    ``DataCollatorWithFlattening``); labels unchanged. Vision-language models keep padded batches."""
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        if v == "cosine":
+            return v  # the default: no need to import transformers (seconds) to check it
+        from transformers.trainer_utils import SchedulerType
+
+        # These two need an evaluation during training, which branches never run.
+        usable = [s.value for s in SchedulerType if s.value not in ("reduce_lr_on_plateau", "greedy")]
+        if v not in usable:
+            raise ValueError(f"unknown scheduler {v!r}; use one of {', '.join(usable)}")
+        return v
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v == "adamw_torch":
+            return v
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if v not in names:
+            raise ValueError(f"unknown optimizer {v!r}; use one of {', '.join(names)}")
+        return v
 
 
 class MergeConfig(_Section):
@@ -170,6 +222,9 @@ class MergeConfig(_Section):
     """Merge operators applied to the MERIT branches; the first one is also used for the random baseline."""
     allow_partial: bool = False
     """Merge the branches that finished when others failed (weights renormalised, manifest marked partial)."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """dtype of the merged checkpoint's floating tensors (merit accumulates in fp32 whatever this is).
+    Default: the branches' dtype."""
 
 
 class BaselinesConfig(_Section):

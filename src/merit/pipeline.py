@@ -208,7 +208,8 @@ def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
     theta0_manifest = artifacts.read_manifest(out / "theta0")
     common = artifacts.fingerprint(
         "grads-source/2", theta0_manifest["key"], theta0_manifest["hash"],
-        artifacts.fingerprint(tokenizer.chat_template, tokenizer.get_vocab()), cfg.model.model_dump(),
+        artifacts.fingerprint(tokenizer.chat_template, tokenizer.get_vocab()),
+        cfg.model.model_dump(exclude=set(HOW_ONLY["model"])),
         cfg.train.lora.model_dump() if cfg.train.lora else None, cfg.mixture.max_length,
         cfg.mixture.max_train_per_source, cfg.grads.calibration_size, cfg.grads.batch_size, spec.settings(), cfg.seed)
     keys = {e["name"]: artifacts.fingerprint(common, e["name"], e["train_sha256"]) for e in mixture["sources"]}
@@ -312,14 +313,34 @@ def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key):
                      save_steps=cfg.launch.save_steps)
 
 
+# Settings that change how a branch is computed, never what: a change does not retrain a finished branch.
+HOW_ONLY = {"train": ("gradient_checkpointing", "dataloader_num_workers"), "model": ("attn_implementation",)}
+# Settings added after run folders existed: in a key only when not at their default, so those folders
+# keep their keys (train.precision by its resolved value: fp32 is what a float32 θ(0) always trained in).
+ADDED = {"train": ("precision", "save_dtype", "optim", "group_by_length", "packing"), "model": ()}
+
+
+def training_identity(cfg) -> tuple[dict, dict]:
+    """(train settings, model settings) that decide a branch's (or the joint run's) weights."""
+    from merit.train.options import resolve_precision
+
+    train = cfg.train.model_dump(exclude=set(HOW_ONLY["train"]) | set(ADDED["train"]))
+    defaults = type(cfg.train)()
+    train.update({f: getattr(cfg.train, f) for f in ADDED["train"]
+                  if f != "precision" and getattr(cfg.train, f) != getattr(defaults, f)})
+    precision = resolve_precision(cfg.train, cfg.model)
+    if precision != "fp32":
+        train["precision"] = precision
+    return train, cfg.model.model_dump(exclude=set(HOW_ONLY["model"]))
+
+
 def branch_key(cfg, split_key: str, k: int, theta0_hash: str) -> str:
     """Identity of branch ``k`` of a plan: what decides its weights (never where or how it runs)."""
-    return artifacts.fingerprint("branch", split_key, k, theta0_hash, cfg.train.model_dump(), cfg.model.model_dump())
+    return artifacts.fingerprint("branch", split_key, k, theta0_hash, *training_identity(cfg))
 
 
 def joint_key(cfg, theta0_key: str, mixture: dict) -> str:
-    return artifacts.fingerprint("joint", theta0_key, mixture["key"], cfg.train.model_dump(), cfg.model.model_dump(),
-                                 cfg.seed)
+    return artifacts.fingerprint("joint", theta0_key, mixture["key"], *training_identity(cfg), cfg.seed)
 
 
 def stage_branches(cfg, out, variants, mixture, theta0, theta0_hash,
@@ -382,7 +403,8 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
             weights = [weights[k] / sum(weights[j] for j in present) for k in present]
         for op in v.operators:
             target = v.root / "merged" / op
-            key = artifacts.fingerprint("merge", op, branch_keys[v.name], weights)
+            dtype = [cfg.merge.dtype] if cfg.merge.dtype else []  # only when set: earlier merges keep their keys
+            key = artifacts.fingerprint("merge", op, branch_keys[v.name], weights, *dtype)
             if not artifacts.is_done(target, key):
                 log(f"merge: {v.row(op)} ({op} over {len(folders)} branches)")
                 operator = registry.get("merge", op)
@@ -392,8 +414,8 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
                     from merit.merge.lora import merge_lora
 
                     theta0 = Path(artifacts.read_manifest(folders[0])["theta0"])
-                    info = merge_lora(theta0, folders, weights, operator, target)
-                elif len(folders) == 1:  # a partial merge left with one branch (weight 1) is that branch
+                    info = merge_lora(theta0, folders, weights, operator, target, dtype=cfg.merge.dtype)
+                elif len(folders) == 1 and not cfg.merge.dtype:  # a partial merge left with one branch is that branch
                     import shutil
 
                     with artifacts.atomic_dir(target) as tmp:
@@ -401,7 +423,7 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
                                         ignore=shutil.ignore_patterns(artifacts.MANIFEST))
                     info = {"copied_from": str(folders[0])}
                 else:
-                    info = merge_checkpoints(folders, weights, operator, target, base=base)
+                    info = merge_checkpoints(folders, weights, operator, target, base=base, dtype=cfg.merge.dtype)
                 artifacts.write_manifest(target, key, operator=op, branches=[str(f) for f in folders],
                                          weights=weights, partial=bool(missing), missing=missing, **info)
             merged[v.row(op)] = (target, key)

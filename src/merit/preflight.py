@@ -44,7 +44,12 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
             from merit.data.vision import has_parts
 
             parts_at = next((f"{s.train} example {i + 1}" for i, ex in enumerate(train) if has_parts(ex)), None)
-    check_model(cfg, out, sources, parts_at)
+    is_vlm = check_model(cfg, out, sources, parts_at)
+    from merit.train import options
+
+    # What this machine cannot train (fp16 without CUDA, a kernel not installed, packing a VLM).
+    options.check_train_options(cfg.train, cfg.model, is_vlm=bool(is_vlm) or parts_at is not None)
+    options.explain_precision(cfg.train, cfg.model)
     if reaches_eval:
         check_eval_splits(sources)
     return sources
@@ -63,9 +68,10 @@ def check_eval_splits(sources) -> None:
              "(listed as not_evaluated in results.json)")
 
 
-def check_model(cfg: RunConfig, out: Path, sources, parts_at: str | None) -> None:
+def check_model(cfg: RunConfig, out: Path, sources, parts_at: str | None) -> bool | None:
     """θ(0) as far as it can be checked without loading weights: its files and headers, text-only vs
-    image data, the trainable subset, and (for an unbuilt preset) truncation."""
+    image data, the trainable subset, and (for an unbuilt preset) truncation. Returns whether θ(0) is a
+    vision-language model (None: a preset that cannot be probed before it is built)."""
     import torch
 
     from merit.models import loading, vlm
@@ -84,7 +90,7 @@ def check_model(cfg: RunConfig, out: Path, sources, parts_at: str | None) -> Non
         with torch.random.fork_rng(devices=[]):  # building the probe seeds torch; leave the run's RNG alone
             probed = probe(cfg.model.preset, cfg.prepare, cfg.seed)
         if probed is None:
-            return
+            return None
         tokenizer, model = probed
         is_vlm = vlm.model_family(model) is not None
     if parts_at is not None and not is_vlm:
@@ -97,6 +103,7 @@ def check_model(cfg: RunConfig, out: Path, sources, parts_at: str | None) -> Non
             train, _ = mixture_stage.read_source(s, cfg.mixture)
             if not mixture_stage.tokenize_examples(tokenizer, train, cfg.mixture.max_length, str(s.train))[0]:
                 raise DataError(mixture_stage.all_truncated_message(s.train))
+    return is_vlm
 
 
 def _built_preset(out: Path) -> Path | None:

@@ -86,7 +86,12 @@ def _train_branch(args: argparse.Namespace) -> int:
     from merit.launch.base import one_line
     from merit.train.branch import run_branch
 
+    from merit.models.vlm import is_vlm
+    from merit.train.options import check_train_options, explain_precision
+
     job, cfg = job_from_args(args)
+    check_train_options(cfg.train, cfg.model, is_vlm=is_vlm(job.theta0))  # one line, before the log exists
+    explain_precision(cfg.train, cfg.model)
     threads = args.threads or cfg.launch.cpus_per_branch
     if threads:
         torch.set_num_threads(threads)

@@ -200,7 +200,10 @@ def merge_checkpoints(branches: Sequence[Path], weights: Sequence[float] | None,
             "bytes_read": bytes_in, "bytes_written": sum(s.size for s in shards), "seconds": round(seconds, 3),
             "cpu_seconds": round(time.process_time() - cpu0, 3),
             "theta0_hash": plan.theta0_hash, "tied_not_written": plan.dropped,
-            "memory_bound_bytes": budget.limit, "peak_unit_bytes": budget.peak, "device": device.type}
+            "memory_bound_bytes": budget.limit, "peak_unit_bytes": budget.peak, "device": device.type,
+            # What the operators compute in, whatever the tensors are written in.
+            "accumulate_dtype": "float32",
+            "out_dtypes": sorted({st.TORCH_NAMES.get(d, d) for d in plan.out_dtypes.values()})}
 
 
 # ---------------------------------------------------------------------------------------------- planning

@@ -131,18 +131,13 @@ def mergekit_yaml(branches: list[Path], weights: list[float], method: str, param
         if "rescale" in params:
             glob["rescale"] = bool(params["rescale"])
     lines.append(f"parameters: {json.dumps(glob)}")
+    from merit.merge.safetensors_io import floating_dtype
+
     lines.append("dtype: float32")  # merit accumulates in fp32
-    out_dtype = dtype or _input_dtype(branches[0])
+    out_dtype = dtype or floating_dtype(branches[0])
     if out_dtype is not None:
         lines.append(f"out_dtype: {out_dtype}")  # merit writes the inputs' dtype unless --dtype
     return "\n".join(lines) + "\n"
-
-
-def _input_dtype(checkpoint: Path) -> str | None:
-    from merit.merge.safetensors_io import checkpoint_tensors
-
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    return next((names[e.dtype] for e in checkpoint_tensors(checkpoint).values() if e.dtype in names), None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from merit import artifacts
 from merit.errors import MeritError
 from merit.merge.checkpoint import SIDE_FILES
+from merit.models.loading import DTYPES
 
 _ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -48,9 +49,11 @@ def lora_deltas(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float], op: Callable, out: Path) -> dict:
+def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float], op: Callable, out: Path,
+               dtype: str | None = None) -> dict:
     """Write a dense checkpoint at ``out``: θ(0) with each adapted weight replaced by op over the branches'
-    dense weights W0 + ΔW_k."""
+    dense weights W0 + ΔW_k (computed in fp32), floating tensors in ``dtype`` (default: θ(0)'s)."""
+    target = DTYPES[dtype] if dtype else None
     deltas = [lora_deltas(a) for a in adapters]
     # Adapter names are in-memory names; some checkpoints (Qwen2.5-VL) save older keys: map them.
     from merit.models.vlm import saved_names
@@ -73,10 +76,10 @@ def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float],
                     out_t = op(dense, weights, base=w0.float()) if getattr(op, "needs_base", False) else op(dense, weights)
                     if not torch.isfinite(out_t).all():
                         raise MeritError(f"{key}: the merge produced NaN or Inf")
-                    merged[key] = out_t.to(w0.dtype).contiguous()
+                    merged[key] = out_t.to(target or w0.dtype).contiguous()
                     changed += 1
                 else:
-                    merged[key] = w0
+                    merged[key] = w0.to(target) if target is not None and w0.is_floating_point() else w0
     missing = keys - set(merged)
     if missing:
         raise MeritError(f"{adapters[0]}: adapted weights {sorted(missing)[:3]} are not in θ(0) {theta0}")
@@ -85,4 +88,5 @@ def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float],
         for name in SIDE_FILES:
             if (Path(theta0) / name).exists():
                 shutil.copy2(Path(theta0) / name, tmp / name)
-    return {"lora_weights_merged": changed, "tensors": len(merged)}
+    return {"lora_weights_merged": changed, "tensors": len(merged), "accumulate_dtype": "float32",
+            "out_dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in merged.values() if t.is_floating_point()})}

@@ -34,6 +34,9 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_NAMES = {"F64", "F32", "F16", "BF16"}  # what merging averages; fp8 is not merged (no scales)
 
 
+TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
 _ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
 
 
@@ -140,6 +143,14 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
                              "the index does not match the shards (re-save the checkpoint)")
     return out
 
+
+
+def floating_dtype(folder: Path) -> str | None:
+    """torch name (``float32``, ``bfloat16``, ``float16``) of a checkpoint's first floating tensor: the
+    dtype it was saved in; None for a checkpoint without one (or with pickled weights only)."""
+    if not any(Path(folder).glob("*.safetensors")) and Path(folder).is_dir():
+        return None
+    return next((TORCH_NAMES[e.dtype] for e in checkpoint_tensors(folder).values() if e.dtype in TORCH_NAMES), None)
 
 def parse_size(text: str | int) -> int:
     """Bytes from ``5GB`` / ``500MB`` / ``2GiB`` / ``1000000``; a MeritError otherwise."""

@@ -59,7 +59,7 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(folder: str | Path, dtype: str = "float32", *, trust_remote_code: bool = False,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, attn_implementation: str = "sdpa"):
     from merit.models.vlm import is_vlm
 
     folder = check_checkpoint(folder, allow_pickle)
@@ -68,7 +68,7 @@ def load_model(folder: str | Path, dtype: str = "float32", *, trust_remote_code:
     if is_vlm(folder):  # a config with a vision_config: the image-text-to-text class of its family
         from transformers import AutoModelForImageTextToText as auto
     return auto.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=safetensors,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
 
 
 def checkpoint_hash(folder: str | Path) -> str:
@@ -160,18 +160,18 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def load_for_training(folder: str | Path, model_cfg, lora_cfg=None, seed: int = 0):
+def load_for_training(folder: str | Path, model_cfg, lora_cfg=None, seed: int = 0, dtype: str | None = None):
     """θ(0) with the trainable subset applied — the one entry point for gradients and for training, so
     both see exactly the same parameters and loss. With ``lora_cfg`` the model is wrapped in PEFT LoRA
     adapters initialised from ``seed`` (the gradient is then over the adapters, as training is).
 
     A vision-language θ(0) without ``model.trainable`` trains its language model only: the family's
     vision tower and projector patterns (``merit.models.vlm.FAMILIES``) are frozen, and LoRA adapters go
-    on language-model layers only."""
+    on language-model layers only. ``dtype`` overrides ``model.dtype`` (``train.precision: bf16-pure``)."""
     from merit.models import vlm
 
-    model = load_model(folder, model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       allow_pickle=model_cfg.allow_pickle)
+    model = load_model(folder, dtype or model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       allow_pickle=model_cfg.allow_pickle, attn_implementation=model_cfg.attn_implementation)
     is_vlm = vlm.model_family(model) is not None
     if lora_cfg is None:
         frozen = list(model_cfg.frozen)

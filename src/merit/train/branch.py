@@ -22,7 +22,8 @@ from merit import artifacts
 from merit.config import MixtureConfig, ModelConfig, TrainConfig
 from merit.data.mixture import load_train
 from merit.errors import MeritError
-from merit.models.loading import load_for_training, load_tokenizer
+from merit.models.loading import DTYPES, load_for_training, load_tokenizer
+from merit.train import options
 from merit.train.trainer import last_checkpoint, train
 
 
@@ -142,16 +143,30 @@ def barrier(world: int) -> None:
         PartialState().wait_for_everyone()
 
 
-def _follow(job: BranchJob, world: int) -> dict:
+def _train(job: BranchJob, precision: str, *, progress: bool, report=None):
+    """Load θ(0) for the resolved ``precision``, train it on the job's sources; (model, tokenizer, stats)."""
+    tokenizer = load_tokenizer(job.theta0)
+    model = load_for_training(job.theta0, job.model_cfg, job.train_cfg.lora, job.seed,
+                              dtype=options.load_dtype(precision, job.model_cfg))
+    examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
+    stats = train(model, tokenizer, examples, job.train_cfg, job.seed, precision=precision, desc=job.name,
+                  work_dir=job.work, save_steps=job.save_steps, progress=progress, report=report)
+    return model, tokenizer, stats
+
+
+def save_dtype(job: BranchJob) -> str:
+    """What a branch saves in: ``train.save_dtype``, else θ(0)'s checkpoint dtype (else ``model.dtype``)."""
+    from merit.merge.safetensors_io import floating_dtype
+
+    return job.train_cfg.save_dtype or floating_dtype(job.theta0) or job.model_cfg.dtype
+
+
+def _follow(job: BranchJob, world: int, precision: str) -> dict:
     """A non-zero rank of a multi-GPU branch: train in step with rank 0 (the Trainer's data-parallel
     group), and leave the log, status, and saving to rank 0. Parameters must be whole on rank 0 when it
     saves (DDP or DeepSpeed ZeRO-1/2; FSDP / ZeRO-3 shard them)."""
     barrier(world)
-    tokenizer = load_tokenizer(job.theta0)
-    model = load_for_training(job.theta0, job.model_cfg, job.train_cfg.lora, job.seed)
-    examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
-    train(model, tokenizer, examples, job.train_cfg, job.seed, desc=job.name, work_dir=job.work,
-          save_steps=job.save_steps, progress=False)
+    _train(job, precision, progress=False)
     barrier(world)
     return artifacts.read_manifest(job.out)
 
@@ -173,8 +188,12 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
                       or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
         raise MeritError("a multi-GPU branch is saved from rank 0, which needs whole parameters: launch it with "
                          "DDP or DeepSpeed ZeRO stage 1/2 (FSDP and ZeRO-3 shard the parameters)")
+    from merit.models.vlm import is_vlm
+
+    # Before anything is written: what this machine cannot train is refused in one line.
+    precision = options.check_train_options(job.train_cfg, job.model_cfg, is_vlm=is_vlm(job.theta0))
     if rank != 0:
-        return _follow(job, world)
+        return _follow(job, world, precision)
     state, st = status.job_state(job.out)
     if state == "running" and st.get("host") == socket.gethostname() and st.get("pid") != os.getpid():
         # Two copies of one branch would write the same checkpoints; a dead process shows as "failed".
@@ -191,13 +210,10 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
         resume = last_checkpoint(work)
         if resume is not None:
             log.line(f"resuming from the checkpoint at step {resume.name.split('-')[-1]} ({resume})")
-        tokenizer = load_tokenizer(job.theta0)
-        model = load_for_training(job.theta0, job.model_cfg, job.train_cfg.lora, job.seed)
-        examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
-        stats = train(model, tokenizer, examples, job.train_cfg, job.seed, desc=job.name, work_dir=work,
-                      save_steps=job.save_steps, progress=progress, report=log.step)
+        model, tokenizer, stats = _train(job, precision, progress=progress, report=log.step)
+        saved = save_dtype(job)
         with artifacts.atomic_dir(job.out) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.to(DTYPES[saved]).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             manifest = artifacts.write_manifest(
                 tmp,
@@ -208,6 +224,7 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
                 theta0_hash=job.theta0_hash,
                 data_hash=data_hash(job.mixture, job.sources),
                 hardware=hardware(),
+                save_dtype=saved,
                 started=started,
                 finished=time.time(),
                 duration_s=round(time.time() - started, 2),

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging as hf_logging
 
 from merit.config import TrainConfig
@@ -26,6 +27,7 @@ from merit.data.chat import IGNORE, Tokenized
 from merit.data.vision import VisionDataset, collator_for
 from merit.errors import MeritError
 from merit.train.health import StopOnStall
+from merit.train.options import MIXED, training_arguments
 
 
 class NonFiniteLoss(MeritError):
@@ -107,10 +109,66 @@ class _Examples(torch.utils.data.Dataset):
         return {"input_ids": t.input_ids, "attention_mask": [1] * len(t.input_ids), "labels": t.labels}
 
 
-def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: int, *, desc: str = "train",
-          work_dir: Path | None = None, save_steps: int | None = None, progress: bool = True,
+class _Trainer(Trainer):
+    """The Trainer, given the examples' lengths for ``train.group_by_length`` (it would otherwise read every
+    example through ``__getitem__``, which for a VLM dataset is not a dict)."""
+
+    def __init__(self, *args, lengths: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lengths = lengths
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=self.lengths)
+
+
+class PackedCollator(DataCollatorWithFlattening):
+    """transformers' flattening collator, with ``use_cache=False`` in every batch: transformers builds the
+    packed-sequence mask only when the forward has no KV cache, and a model whose config has
+    ``use_cache`` on (most checkpoints) makes one even in train mode — attention then silently crosses
+    example boundaries."""
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        batch["use_cache"] = False
+        return batch
+
+
+def text_collator(tokenizer, packing: bool):
+    """Padded batches (labels padded with IGNORE), or with ``packing`` one row per batch: the examples
+    concatenated, position ids restarting at each, so transformers' attention masks keep every example to
+    itself (packed-sequence detection for sdpa/eager, varlen for flash-attention). Each example's first
+    label becomes IGNORE so no token is trained to predict the next example (ours is a prompt token:
+    already IGNORE)."""
+    if packing:
+        return PackedCollator(return_position_ids=True, separator_id=IGNORE)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+
+
+def set_precision(model, precision: str) -> None:
+    """Put the parameters in the dtypes ``precision`` trains them in.
+
+    ``fp32``: the whole model in fp32. ``bf16`` / ``fp16`` (mixed): the trainable parameters in fp32 — the
+    master weights, hence fp32 gradients and AdamW state — and frozen ones left as loaded, so a frozen
+    vision tower or a LoRA base in bf16 costs no more; the Trainer's autocast runs the matmuls in half
+    precision. ``bf16-pure``: as loaded (bf16, :func:`merit.train.options.load_dtype`)."""
+    if precision == "fp32":
+        model.to(torch.float32)
+    elif precision in MIXED:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+
+def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: int, *, precision: str = "fp32",
+          desc: str = "train", work_dir: Path | None = None, save_steps: int | None = None, progress: bool = True,
           report: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` in place on ``examples`` for ``cfg.epochs`` and return what a manifest records.
+
+    ``precision`` is the resolved ``train.precision`` (:func:`merit.train.options.check_train_options`):
+    the parameters are first put in its dtypes (:func:`set_precision`).
 
     With ``work_dir`` and ``save_steps``, a checkpoint (weights, optimizer, scheduler, RNG states, step) is
     kept there every ``save_steps`` optimizer steps (only the newest), and a call that finds one resumes
@@ -121,6 +179,7 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
     """
     hf_logging.set_verbosity_warning()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    set_precision(model, precision)
     with contextlib.ExitStack() as stack:
         if work_dir is None:
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="merit-trainer-"))
@@ -129,39 +188,16 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
             scratch = str(work_dir)
             resume = last_checkpoint(work_dir)
         checkpoints = work_dir is not None and bool(save_steps)
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_ratio,  # a value below 1 is a fraction of the total steps
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            optim="adamw_torch",
-            seed=seed,
-            data_seed=seed,
-            save_strategy="steps" if checkpoints else "no",
-            save_steps=save_steps or 500,
-            save_total_limit=1,  # resume needs only the newest; a checkpoint holds weights + optimizer state
-            report_to="none",
-            # Log every step so a NaN loss stops the run at once (unfiltered) and progress is exact.
-            logging_strategy="steps",
-            logging_steps=1,
-            logging_nan_inf_filter=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            remove_unused_columns=False,
-            disable_tqdm=not progress,
-        )
+        args = training_arguments(cfg, precision, output_dir=scratch, seed=seed,
+                                  save_steps=save_steps if checkpoints else None, progress=progress)
         # A VLM's batches also carry pixels and image fields (merit.data.vision); text keeps HF's collator.
         vision = collator_for(tokenizer)
-        trainer = Trainer(
+        trainer = _Trainer(
             model=model,
             args=args,
             train_dataset=_Examples(examples) if vision is None else VisionDataset(examples),
-            data_collator=vision or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
+            data_collator=vision or text_collator(tokenizer, cfg.packing),
+            lengths=[len(t.input_ids) for t in examples],
         )
         # Our own console output: a plain progress bar (or none), never the per-step log dicts.
         trainer.remove_callback(ProgressCallback)
@@ -184,6 +220,7 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
     model.eval()
     return {
         "examples": len(examples),
+        "precision": precision,
         "tokens_seen": int(sum(len(t.input_ids) for t in examples) * cfg.epochs),
         "steps": int(out.global_step),
         "train_loss": float(out.training_loss),
