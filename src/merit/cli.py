@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt as e:
+        if _main_thread():
+            # The process is ending: a second Ctrl-C / SIGTERM must not interrupt the clean-up or the exit
+            # (seen: a second KeyboardInterrupt during interpreter shutdown made the exit status -SIGINT).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = None
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"merit: {what}; rerun the same command to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130

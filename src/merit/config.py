@@ -155,6 +155,23 @@ class LoraConfig(_Section):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+# The Trainer's fsdp_config keys (transformers 5.x, FSDP1 and FSDP2), each also accepted with "fsdp_".
+FSDP_KEYS = {"version", "reshard_after_forward", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
+             "min_num_params", "cpu_offload", "offload_params", "activation_checkpointing", "state_dict_type",
+             "cpu_ram_efficient_loading", "forward_prefetch", "backward_prefetch", "use_orig_params",
+             "sync_module_states", "limit_all_gathers", "xla", "xla_fsdp_settings", "xla_fsdp_grad_ckpt"}
+
+
+def check_deepspeed_config(config: Any) -> None:
+    """A DeepSpeed config as merit can use it: a JSON object whose ZeRO stage (if given) is 0-3."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a DeepSpeed config is a JSON object, not {type(config).__name__}")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})")
+
+
 class TrainConfig(_Section):
     """Identical hyper-parameters for every branch and for the joint baseline."""
 
@@ -190,6 +207,41 @@ class TrainConfig(_Section):
     """Text models: padding-free batches — a batch's examples are concatenated into one row with
     restarting position ids, attention never crosses an example boundary (transformers'
     ``DataCollatorWithFlattening``); labels unchanged. Vision-language models keep padded batches."""
+
+    fsdp: dict[str, Any] | None = None
+    """Shard parameters, gradients and optimizer state over a branch's processes with PyTorch FSDP (the
+    Trainer's ``fsdp`` with this dict as its ``fsdp_config``; ``{}``: FSDP2 defaults, full sharding).
+    Keys: ``version``, ``reshard_after_forward``, ``auto_wrap_policy``, ``transformer_layer_cls_to_wrap``,
+    ``min_num_params``, ``cpu_offload``, ``activation_checkpointing``, ``state_dict_type``, ... A branch
+    is saved as one full safetensors checkpoint whatever the sharding."""
+    deepspeed: str | dict[str, Any] | None = None
+    """DeepSpeed ZeRO for a branch's processes: a JSON config file's path or the config inline (the
+    Trainer's ``deepspeed``; ``"auto"`` values are filled from these settings). Needs the ``deepspeed``
+    package (``pip install 'merit-tune[deepspeed]'``). Saved as one full checkpoint (ZeRO-3 weights are
+    gathered)."""
+
+    @model_validator(mode="after")
+    def _one_sharding(self) -> TrainConfig:
+        if self.fsdp is not None and self.deepspeed is not None:
+            raise ValueError("give at most one of train.fsdp and train.deepspeed")
+        return self
+
+    @field_validator("fsdp")
+    @classmethod
+    def _known_fsdp_options(cls, v: dict | None) -> dict | None:
+        unknown = sorted(k for k in v or {} if k.removeprefix("fsdp_") not in FSDP_KEYS)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FSDP_KEYS))}")
+        return v
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _usable_deepspeed_config(cls, v):
+        if isinstance(v, dict):
+            check_deepspeed_config(v)
+        elif isinstance(v, str) and not v.strip():
+            raise ValueError("empty path; give a DeepSpeed JSON file or an inline config")
+        return v
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -267,6 +319,11 @@ class LaunchConfig(_Section):
     slurm: dict[str, Any] = {}
     """slurm: passed to submitit (``partition``, ``time``, ``gpus_per_node``, ``mem_gb``, ``account``, ...;
     ``cluster: local`` runs the array on this machine)."""
+    processes_per_branch: int = Field(1, ge=1)
+    """Processes per branch (and for the joint baseline): with N > 1 each branch is one distributed job
+    of N processes started by an existing engine — ``torchrun`` (local), Ray Train (ray), Slurm tasks
+    through submitit (slurm) — one per GPU, or on CPU with the gloo backend. The global batch is
+    N × ``train.batch_size`` × ``train.gradient_accumulation_steps``."""
     save_steps: int | None = Field(200, ge=1)
     """Keep a Trainer checkpoint every N steps in ``branches/.<k>.work/`` so a killed branch resumes;
     null: none. Not part of a branch's key: changing it never retrains a finished branch."""
@@ -397,6 +454,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
         return None if p is None else str((base / Path(p).expanduser()).resolve())
 
     cfg.model.path = res(cfg.model.path, "model.path")
+    if isinstance(cfg.train.deepspeed, str):
+        cfg.train.deepspeed = res(cfg.train.deepspeed, "train.deepspeed")
     cfg.mixture.dir = res(cfg.mixture.dir, "mixture.dir")
     for i, s in enumerate(cfg.mixture.sources or []):
         s.train = res(s.train, f"mixture.sources[{i}].train")

@@ -314,7 +314,8 @@ def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key):
 
 
 # Settings that change how a branch is computed, never what: a change does not retrain a finished branch.
-HOW_ONLY = {"train": ("gradient_checkpointing", "dataloader_num_workers"), "model": ("attn_implementation",)}
+HOW_ONLY = {"train": ("gradient_checkpointing", "dataloader_num_workers", "fsdp", "deepspeed"),
+            "model": ("attn_implementation",)}
 # Settings added after run folders existed: in a key only when not at their default, so those folders
 # keep their keys (train.precision by its resolved value: fp32 is what a float32 θ(0) always trained in).
 ADDED = {"train": ("precision", "save_dtype", "optim", "group_by_length", "packing"), "model": ()}
@@ -331,6 +332,8 @@ def training_identity(cfg) -> tuple[dict, dict]:
     precision = resolve_precision(cfg.train, cfg.model)
     if precision != "fp32":
         train["precision"] = precision
+    if cfg.launch.processes_per_branch != 1:  # sets the global batch, hence the weights
+        train["processes_per_branch"] = cfg.launch.processes_per_branch
     return train, cfg.model.model_dump(exclude=set(HOW_ONLY["model"]))
 
 

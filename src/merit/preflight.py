@@ -47,8 +47,12 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
     is_vlm = check_model(cfg, out, sources, parts_at)
     from merit.train import options
 
-    # What this machine cannot train (fp16 without CUDA, a kernel not installed, packing a VLM).
+    # What this machine cannot train (fp16 without CUDA, a kernel not installed, packing a VLM), and
+    # processes per branch against the GPUs each branch is given.
     options.check_train_options(cfg.train, cfg.model, is_vlm=bool(is_vlm) or parts_at is not None)
+    from merit.launch.base import check_processes
+
+    check_processes(cfg.launch)
     options.explain_precision(cfg.train, cfg.model)
     if reaches_eval:
         check_eval_splits(sources)

@@ -76,6 +76,26 @@ def launch(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     return [o for o in outcomes if not o.ok]
 
 
+def check_processes(cfg: LaunchConfig) -> None:
+    """``launch.processes_per_branch`` against the GPUs the config gives each branch (one process per GPU)."""
+    n = cfg.processes_per_branch
+    if n == 1:
+        return
+    for i, entry in enumerate(cfg.devices or []):
+        count = len([d for d in str(entry).split(",") if d.strip()])
+        if count < n:
+            raise ConfigError(f"launch.processes_per_branch={n}: launch.devices[{i}] = {entry!r} names {count} GPU(s); "
+                              f"a branch of {n} processes needs {n} (e.g. \"{','.join(str(d) for d in range(n))}\")")
+    if 0 < cfg.gpus_per_branch < n:
+        raise ConfigError(f"launch.processes_per_branch={n}: launch.gpus_per_branch={cfg.gpus_per_branch:g} gives "
+                          f"fewer GPUs than processes; set gpus_per_branch to {n} (one per process) or 0 (CPU)")
+
+
+def rank_threads(cfg: LaunchConfig, default: int) -> int:
+    """Torch threads of each process of a branch: the branch's CPUs split over its processes."""
+    return max(1, cpus_per_branch(cfg, default=default) // cfg.processes_per_branch)
+
+
 def cpus_per_branch(cfg: LaunchConfig, default: int | None = None) -> int:
     """CPU threads for one branch: ``launch.cpus_per_branch``, else this machine's cores split over workers
     (so that two workers on two cores do not each start two threads and fight over the cores)."""

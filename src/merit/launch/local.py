@@ -8,6 +8,11 @@
   entry. A job's output goes to its log file; this process shows one progress bar per job from the
   jobs' status files.
 
+- ``launch.processes_per_branch: N > 1``: each job is one ``torchrun --standalone --nproc-per-node N``
+  (PyTorch's launcher: rendezvous, one process per rank, all ranks stopped when one dies), ``workers``
+  jobs at once, each with its ``launch.devices`` entry (N GPUs) or, without GPUs, N CPU processes
+  (gloo) sharing ``cpus_per_branch`` threads.
+
 A job that fails (exception, NaN loss, killed by the out-of-memory killer) is reported and the others
 carry on.
 """
@@ -27,7 +32,7 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from merit import artifacts
-from merit.launch.base import Monitor, Outcome, cpus_per_branch, execute, outcome_of
+from merit.launch.base import Monitor, Outcome, check_processes, cpus_per_branch, execute, outcome_of, rank_threads
 from merit.launch.worker import MARK
 from merit.registry import register
 
@@ -41,8 +46,11 @@ def run_local(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     """Run every job on this machine; see the module docstring for sequential vs parallel."""
     done = {j.out: Outcome(j.name, j.out, True) for j in jobs if artifacts.is_done(j.out, j.key)}
     todo = [j for j in jobs if j.out not in done]
+    check_processes(cfg)
     slots = _slots(cfg)
-    if len(slots) == 1 and slots[0] is None:
+    if cfg.processes_per_branch > 1:
+        outcomes = _torchrun_jobs(todo, cfg, slots) if todo else []
+    elif len(slots) == 1 and slots[0] is None:
         outcomes = [_in_process(job, cfg) for job in todo]
     else:
         outcomes = _processes(todo, cfg, slots) if todo else []
@@ -161,6 +169,66 @@ def _start_worker(threads: int, devices: str | None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "merit.launch.worker", "--serve", "--threads", str(threads),
                              "--launcher", "local"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
+
+
+def _torchrun_jobs(jobs: list, cfg, slots: list[str | None]) -> list[Outcome]:
+    """Every job as one torchrun of ``launch.processes_per_branch`` ranks, ``len(slots)`` at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = rank_threads(cfg, default=max(1, (os.cpu_count() or 1) // len(slots)))
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for slot in slots:
+        free.put(slot)
+    procs: dict[Path, subprocess.Popen] = {}
+
+    def one(job) -> Outcome:
+        slot = free.get()
+        try:
+            rc = _torchrun(job, cfg.processes_per_branch, threads, slot, procs)
+        finally:
+            free.put(slot)
+        ok = rc == 0
+        if ok:
+            _job_file_path(job).unlink(missing_ok=True)
+        return outcome_of(job, ok, None if ok else f"torchrun: {_exit_reason(rc)}")
+
+    monitor = Monitor(jobs)
+    pool = ThreadPoolExecutor(max_workers=min(len(slots), len(jobs)))
+    try:
+        futures = [pool.submit(one, job) for job in jobs]
+        while not all(f.done() for f in futures):
+            monitor.poll()
+            time.sleep(0.2)
+        return [f.result() for f in futures]
+    finally:
+        for proc in list(procs.values()):  # interrupted: stop every rank (torchrun forwards the signal)
+            if proc.poll() is None:
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        monitor.close()
+
+
+def _torchrun(job, n: int, threads: int, devices: str | None, procs: dict) -> int:
+    """Run ``job`` as ``torchrun --standalone --nproc-per-node n``; its exit code. torchrun's own
+    messages go to the job's log, each rank's output to its rank log (merit.launch.worker)."""
+    import torch
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    if devices is None and not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # ranks on CPU: accelerate's gloo process group
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "--max-restarts=0", "-m", "merit.launch.worker", "--threads", str(threads), "--launcher", "local",
+           str(_job_file(job))]
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a") as log:
+        proc = procs[job.out] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        try:
+            return proc.wait()
+        finally:
+            procs.pop(job.out, None)
 
 
 def _exit_reason(rc: int) -> str:

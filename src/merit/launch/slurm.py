@@ -9,6 +9,10 @@ and logs (default: ``<run>/branches/.submitit``). Defaults: ``cpus_per_task`` fr
 ``launch.cpus_per_branch``, ``gpus_per_node`` from ``launch.gpus_per_branch``, ``array_parallelism``
 from ``launch.workers`` when that is set. The run folder, θ(0) and the data must be on a filesystem the
 compute nodes see. submitit is an optional extra: ``pip install 'merit-tune[slurm]'``.
+
+With ``launch.processes_per_branch: N > 1`` each array element is one branch of N Slurm tasks
+(``tasks_per_node`` N, or N / ``nodes`` with ``launch.slurm.nodes`` for a multi-node branch); each task
+takes its rank, world size and rendezvous address from Slurm (submitit's ``TorchDistributedEnvironment``).
 """
 
 from __future__ import annotations
@@ -32,10 +36,22 @@ _GENERIC = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", 
 _EXECUTORS = ("slurm_", "local_", "debug_")
 
 
-def _task(job, threads: int | None) -> tuple[bool, str | None]:
+def _task(job, threads: int | None, processes: int = 1) -> tuple[bool, str | None]:
     # Runs on the compute node. Slurm tells how many CPUs the task got; use them all for torch threads.
     threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None
+    if processes > 1:  # one rank of a multi-task branch: RANK, WORLD_SIZE, MASTER_ADDR/PORT from Slurm
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export()
+        if not _has_cuda():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
     return execute(job, threads=threads, launcher="slurm")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def minutes(value: int | float | str) -> int:
@@ -64,6 +80,14 @@ def parameters(cfg) -> tuple[str | None, Path | None, dict]:
         params["gpus_per_node"] = int(cfg.gpus_per_branch)
     if cfg.workers:
         params["slurm_array_parallelism"] = cfg.workers
+    if cfg.processes_per_branch > 1:  # one task per rank, spread over launch.slurm.nodes nodes
+        nodes = int(given.get("nodes", 1))
+        if cfg.processes_per_branch % nodes:
+            raise ConfigError(f"launch.processes_per_branch={cfg.processes_per_branch} does not divide over "
+                              f"launch.slurm.nodes={nodes}")
+        params["tasks_per_node"] = cfg.processes_per_branch // nodes
+        if cfg.gpus_per_branch:
+            params["gpus_per_node"] = int(cfg.gpus_per_branch) // nodes
     for key, value in given.items():
         if key == "time":
             params["timeout_min"] = minutes(value)
@@ -88,8 +112,9 @@ def run_slurm(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     except (NameError, ValueError, AssertionError) as e:
         raise ConfigError(f"launch.slurm: {str(e).splitlines()[0]}") from None
     threads = cfg.cpus_per_branch
+    n = cfg.processes_per_branch
     with executor.batch():  # one sbatch call: a job array
-        futures = [executor.submit(_task, job, threads) for job in jobs]
+        futures = [executor.submit(_task, job, threads, n) for job in jobs]
     waiting, outcomes = dict(zip(futures, jobs)), {}
     monitor = Monitor(jobs)
     try:
@@ -99,7 +124,9 @@ def run_slurm(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
                     continue
                 del waiting[fut]
                 try:
-                    ok, error = fut.result()
+                    answers = fut.results()  # one per task (rank) of the branch
+                    ok = all(a[0] for a in answers)
+                    error = next((a[1] for a in answers if not a[0]), None)
                 except Exception as e:  # noqa: BLE001 - the Slurm task died (timeout, OOM, node failure)
                     ok, error = False, f"slurm job {fut.job_id}: {one_line(e)}"
                 outcomes[job.out] = outcome_of(job, ok, error)

@@ -29,6 +29,12 @@ def log_path(out: Path) -> Path:
     return out.parent / f"{out.name}.log"
 
 
+def rank_log_path(out: Path, rank: int) -> Path:
+    """The log of a non-zero rank of a multi-process branch: ``branches/<k>.rank<r>.log``."""
+    out = Path(out)
+    return out.parent / f"{out.name}.rank{rank}.log"
+
+
 def status_path(out: Path) -> Path:
     out = Path(out)
     return out.parent / f"{out.name}.status.json"

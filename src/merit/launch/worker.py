@@ -1,6 +1,8 @@
 """``python -m merit.launch.worker``: a worker process of the local launcher.
 
-``python -m merit.launch.worker JOB.pkl ...`` runs pickled branch jobs one after another. With
+``python -m merit.launch.worker JOB.pkl ...`` runs pickled branch jobs one after another (under
+``torchrun`` each rank runs it: a multi-process branch, rank 0 logging to the job's log file and rank r
+to ``<k>.rank<r>.log``). With
 ``--serve`` it reads job-file paths from stdin, one per line, and answers each on its original stdout
 with one ``MERIT-WORKER {"ok": ..., "error": ...}`` line. The launcher keeps N such workers busy, so a
 worker pays the torch/transformers import once, not once per branch. While a job runs, the process's
@@ -28,7 +30,10 @@ def _run_one(path: str, threads: int | None, launcher: str) -> tuple[bool, str |
     sys.stdout.flush()
     sys.stderr.flush()
     job.log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(job.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank r > 0 writes its own log
+    from merit.launch.status import rank_log_path
+
+    fd = os.open(job.log if rank == 0 else rank_log_path(job.out, rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

@@ -144,14 +144,16 @@ def barrier(world: int) -> None:
 
 
 def _train(job: BranchJob, precision: str, *, progress: bool, report=None):
-    """Load θ(0) for the resolved ``precision``, train it on the job's sources; (model, tokenizer, stats)."""
+    """Load θ(0) for the resolved ``precision``, train it on the job's sources; (model, tokenizer, stats,
+    the gathered full state dict of a multi-process branch on rank 0, else None)."""
     tokenizer = load_tokenizer(job.theta0)
     model = load_for_training(job.theta0, job.model_cfg, job.train_cfg.lora, job.seed,
                               dtype=options.load_dtype(precision, job.model_cfg))
     examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
+    state: dict = {}
     stats = train(model, tokenizer, examples, job.train_cfg, job.seed, precision=precision, desc=job.name,
-                  work_dir=job.work, save_steps=job.save_steps, progress=progress, report=report)
-    return model, tokenizer, stats
+                  work_dir=job.work, save_steps=job.save_steps, progress=progress, report=report, state_out=state)
+    return model, tokenizer, stats, state.get("state_dict")
 
 
 def save_dtype(job: BranchJob) -> str:
@@ -162,9 +164,9 @@ def save_dtype(job: BranchJob) -> str:
 
 
 def _follow(job: BranchJob, world: int, precision: str) -> dict:
-    """A non-zero rank of a multi-GPU branch: train in step with rank 0 (the Trainer's data-parallel
-    group), and leave the log, status, and saving to rank 0. Parameters must be whole on rank 0 when it
-    saves (DDP or DeepSpeed ZeRO-1/2; FSDP / ZeRO-3 shard them)."""
+    """A non-zero rank of a multi-process branch: train in step with rank 0 (the Trainer's data-parallel
+    or sharded group, joining the final gathering of the weights), and leave the log, status and saving
+    to rank 0."""
     barrier(world)
     _train(job, precision, progress=False)
     barrier(world)
@@ -175,8 +177,9 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
     """Train one branch from θ(0) and write its folder (checkpoint + manifest) in one rename.
 
     Resumable: Trainer checkpoints go to ``job.work`` every ``job.save_steps`` steps and a rerun continues
-    from the newest. Under ``torchrun`` / ``accelerate launch`` (several processes, one per GPU) every rank
-    trains through the Trainer's data-parallel group and rank 0 alone writes the log, status and folder. The job's log (``job.log``) and status file record start, progress, end or failure,
+    from the newest. In a multi-process job (``launch.processes_per_branch``; or a hand-started
+    ``torchrun``) every rank trains through the Trainer's data-parallel group (DDP, FSDP or DeepSpeed),
+    the weights are gathered whole to rank 0, and rank 0 alone writes the log, status and folder. The job's log (``job.log``) and status file record start, progress, end or failure,
     whichever launcher runs it; a failure is recorded and re-raised.
     """
     from merit.launch import status
@@ -184,10 +187,6 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
     if artifacts.is_done(job.out, job.key):
         return artifacts.read_manifest(job.out)
     rank, world = distributed()
-    if world > 1 and (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-                      or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
-        raise MeritError("a multi-GPU branch is saved from rank 0, which needs whole parameters: launch it with "
-                         "DDP or DeepSpeed ZeRO stage 1/2 (FSDP and ZeRO-3 shard the parameters)")
     from merit.models.vlm import is_vlm
 
     # Before anything is written: what this machine cannot train is refused in one line.
@@ -210,10 +209,14 @@ def run_branch(job: BranchJob, *, progress: bool = True, launcher: str | None = 
         resume = last_checkpoint(work)
         if resume is not None:
             log.line(f"resuming from the checkpoint at step {resume.name.split('-')[-1]} ({resume})")
-        model, tokenizer, stats = _train(job, precision, progress=progress, report=log.step)
+        model, tokenizer, stats, gathered = _train(job, precision, progress=progress, report=log.step)
         saved = save_dtype(job)
         with artifacts.atomic_dir(job.out) as tmp:
-            model.to(DTYPES[saved]).save_pretrained(tmp, safe_serialization=True)
+            if gathered is None:  # one process: the model is whole
+                model.to(DTYPES[saved]).save_pretrained(tmp, safe_serialization=True)
+            else:  # several: the full weights rank 0 gathered (from FSDP / ZeRO-3 shards too)
+                gathered = {k: v.to(DTYPES[saved]) if v.is_floating_point() else v for k, v in gathered.items()}
+                model.save_pretrained(tmp, state_dict=gathered, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             manifest = artifacts.write_manifest(
                 tmp,

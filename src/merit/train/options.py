@@ -55,10 +55,50 @@ def check_train_options(train: TrainConfig, model: ModelConfig, *, is_vlm: bool 
         if precision not in ("bf16", "fp16", "bf16-pure"):
             raise ConfigError("model.attn_implementation: flash_attention_2 computes in bf16/fp16 only; set "
                               "train.precision: bf16 (or fp16), or use sdpa")
+    if train.fsdp is not None and not cuda:
+        # accelerate builds FSDP for GPU process groups only; on CPU the Trainer would silently run DDP.
+        raise ConfigError("train.fsdp: FSDP runs on CUDA GPUs only (accelerate falls back to plain DDP on CPU); "
+                          "remove train.fsdp on this machine")
+    if train.deepspeed is not None:
+        deepspeed_config(train.deepspeed)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("train.deepspeed: needs the deepspeed package: pip install 'merit-tune[deepspeed]' "
+                              "(or use train.fsdp, which needs nothing beyond torch)")
     if train.packing and is_vlm:
         raise ConfigError("train.packing: padding-free batches are for text models; a vision-language model's "
                           "batches stay padded (remove train.packing)")
     return precision
+
+
+def deepspeed_config(value: str | dict) -> dict:
+    """``train.deepspeed`` as a dict: the inline config, or the JSON file it names, checked."""
+    import json
+    from pathlib import Path
+
+    from merit.config import check_deepspeed_config
+
+    if isinstance(value, dict):
+        config = value
+    else:
+        path = Path(value)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"train.deepspeed: {path}: file not found") from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"train.deepspeed: {path}: not valid JSON ({e})") from None
+    try:
+        check_deepspeed_config(config)
+    except ValueError as e:
+        raise ConfigError(f"train.deepspeed: {value if isinstance(value, str) else 'inline config'}: {e}") from None
+    return config
+
+
+def world_size() -> int:
+    """Processes of this branch's distributed job (torchrun, Ray Train and merit's Slurm tasks set it)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def explain_precision(train: TrainConfig, model: ModelConfig) -> None:
@@ -81,7 +121,13 @@ def training_arguments(train: TrainConfig, precision: str, *, output_dir: str, s
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
+    sharding = {}
+    if train.fsdp is not None:
+        sharding = {"fsdp": True, "fsdp_config": dict(train.fsdp)}
+    elif train.deepspeed is not None:
+        sharding = {"deepspeed": deepspeed_config(train.deepspeed)}
     return TrainingArguments(
+        **sharding,
         output_dir=output_dir,
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -94,9 +140,9 @@ def training_arguments(train: TrainConfig, precision: str, *, output_dir: str, s
         optim=train.optim,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # bf16 autocast on a machine without CUDA must be asked for as CPU training (else the Trainer
-        # refuses: "doesn't support bf16/gpu"); otherwise the Trainer picks the device as before.
-        use_cpu=precision == "bf16" and not cuda,
+        # Without CUDA, bf16 autocast and a multi-process branch (gloo) must be asked for as CPU training
+        # (else the Trainer refuses bf16: "doesn't support bf16/gpu"); otherwise it picks the device.
+        use_cpu=not cuda and (precision == "bf16" or world_size() > 1),
         # TF32 matmuls where the GPU has them (Ampere+): fp32 parts of a mixed-precision step run faster.
         tf32=True if cuda and torch.cuda.get_device_capability(0) >= (8, 0) else None,
         activation_checkpointing=train.gradient_checkpointing,
@@ -105,6 +151,8 @@ def training_arguments(train: TrainConfig, precision: str, *, output_dir: str, s
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         dataloader_num_workers=train.dataloader_num_workers,
         dataloader_pin_memory=cuda,
+        # Every trainable parameter is used in every forward; the extra graph traversal would cost each step.
+        ddp_find_unused_parameters=False,
         seed=seed,
         data_seed=seed,
         save_strategy="steps" if save_steps else "no",

@@ -164,7 +164,7 @@ def set_precision(model, precision: str) -> None:
 
 def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: int, *, precision: str = "fp32",
           desc: str = "train", work_dir: Path | None = None, save_steps: int | None = None, progress: bool = True,
-          report: Callable[[dict], None] | None = None) -> dict:
+          report: Callable[[dict], None] | None = None, state_out: dict | None = None) -> dict:
     """Train ``model`` in place on ``examples`` for ``cfg.epochs`` and return what a manifest records.
 
     ``precision`` is the resolved ``train.precision`` (:func:`merit.train.options.check_train_options`):
@@ -176,6 +176,11 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
     order comes from ``data_seed``), so on CPU the result is bitwise that of an uninterrupted run.
     ``report`` receives ``{"step", "max_steps", "loss", ...}`` at every step; a NaN/Inf loss raises
     :class:`NonFiniteLoss`.
+
+    In a multi-process job (torchrun, Ray Train, Slurm tasks) every rank calls this; with ``state_out``
+    the trained weights are gathered whole — from FSDP or DeepSpeed ZeRO-3 shards too, a collective every
+    rank joins — into ``state_out["state_dict"]`` on rank 0 (None when there is one process: ``model``
+    itself is whole then).
     """
     hf_logging.set_verbosity_warning()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -214,6 +219,10 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
         start = time.time()
         try:
             out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            processes = trainer.accelerator.num_processes
+            distributed = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+            if state_out is not None:
+                state_out["state_dict"] = trainer.accelerator.get_state_dict(trainer.model) if processes > 1 else None
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -221,6 +230,8 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
     return {
         "examples": len(examples),
         "precision": precision,
+        "processes": processes,
+        "distributed": distributed,  # accelerate's DistributedType: NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
         "tokens_seen": int(sum(len(t.input_ids) for t in examples) * cfg.epochs),
         "steps": int(out.global_step),
         "train_loss": float(out.training_loss),
