@@ -236,10 +236,11 @@ def test_new_keys_leave_earlier_branch_keys_alone():
                           "warmup_ratio", "weight_decay", "max_grad_norm", "lora"}
     assert "attn_implementation" not in model
     same = load_config(base, ["train.gradient_checkpointing=true", "train.dataloader_num_workers=2",
-                              "model.attn_implementation=eager", "train.precision=fp32"])
+                              "model.attn_implementation=eager", "train.precision=fp32", "train.fsdp={}",
+                              "launch.kind=ray", "launch.save_steps=7"])
     assert training_identity(same) == (train, model)
     for change in ("train.packing=true", "train.precision=bf16", "train.optim=adafactor", "train.save_dtype=bfloat16",
-                   "model.dtype=bfloat16", "train.group_by_length=true"):
+                   "model.dtype=bfloat16", "train.group_by_length=true", "launch.processes_per_branch=2"):
         assert training_identity(load_config(base, [change])) != (train, model), change
 
 
