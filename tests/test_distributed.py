@@ -194,6 +194,36 @@ def test_deepspeed_not_installed(tmp_path, tiny_checkpoint, capsys):
          "'merit-tune[deepspeed]'", train={"deepspeed": {"zero_optimization": {"stage": 2}}})
 
 
+def test_deepspeed_without_cuda_is_refused(monkeypatch):
+    """With deepspeed installed but no GPU, accelerate would ignore the DeepSpeed config and run DDP."""
+    import importlib.util
+
+    from merit.config import ModelConfig, TrainConfig
+    from merit.errors import ConfigError
+    from merit.train.options import check_train_options
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match="train.deepspeed: DeepSpeed runs on CUDA GPUs only"):
+        check_train_options(TrainConfig(deepspeed={"zero_optimization": {"stage": 3}}), ModelConfig(preset="tiny"),
+                            cuda=False)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or __import__("importlib").util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed ZeRO-3 needs 2 CUDA GPUs and the deepspeed package (accelerate ignores it on CPU)")
+def test_zero3_branch_saves_full_tensors(tmp_path, tiny_checkpoint):
+    cfg = config(tmp_path, tiny_checkpoint, 2, devices=["0,1"])
+    cfg["train"]["deepspeed"] = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                                 "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                 "train_batch_size": "auto", "gradient_clipping": "auto"}
+    path = write(tmp_path / "run.yaml", cfg)
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--until", "branches"]) == 0
+    theta0 = load_file(str(tiny_checkpoint / "model.safetensors"))
+    branch = weights(tmp_path / "run", 0)
+    assert {n: t.shape for n, t in branch.items()} == {n: t.shape for n, t in theta0.items()}
+    assert json.loads((tmp_path / "run/branches/0/manifest.json").read_text())["distributed"] == "DEEPSPEED"
+
+
 def test_fsdp_unknown_option(tmp_path, tiny_checkpoint, capsys):
     _bad(tmp_path, tiny_checkpoint, capsys, "'train.fsdp': unknown option(s) shard_everything; known: ",
          train={"fsdp": {"shard_everything": True}})

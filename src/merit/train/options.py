@@ -64,6 +64,9 @@ def check_train_options(train: TrainConfig, model: ModelConfig, *, is_vlm: bool 
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("train.deepspeed: needs the deepspeed package: pip install 'merit-tune[deepspeed]' "
                               "(or use train.fsdp, which needs nothing beyond torch)")
+        if not cuda:  # as for FSDP: on CPU accelerate runs plain DDP and ignores the DeepSpeed config
+            raise ConfigError("train.deepspeed: DeepSpeed runs on CUDA GPUs only here (accelerate falls back to plain "
+                              "DDP on CPU); remove train.deepspeed on this machine")
     if train.packing and is_vlm:
         raise ConfigError("train.packing: padding-free batches are for text models; a vision-language model's "
                           "batches stay padded (remove train.packing)")
