@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     keeps its traceback, exit code 1."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # merit never needs the hub; fail fast instead of hanging
+    if not sys.stderr.isatty():
+        # Logs and CI: no "Loading weights" / "Writing model shards" bars (read by huggingface_hub, hence
+        # transformers, at import: set before either is imported).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return _dispatch(args)

@@ -175,15 +175,25 @@ def check_deepspeed_config(config: Any) -> None:
 class TrainConfig(_Section):
     """Identical hyper-parameters for every branch and for the joint baseline."""
 
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    """AdamW peak learning rate. 2e-5: common practice for full fine-tuning of a pretrained checkpoint
+    (TRL's SFT default, LLaVA-1.5's instruction stage); the embedded demo's 1M-parameter random-init model
+    sets 1e-3 in its own config. LoRA usually wants ~1e-4-2e-4."""
     batch_size: int = Field(16, ge=1)
+    """Examples per process per micro-step (global batch: × gradient_accumulation_steps ×
+    launch.processes_per_branch)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
+    """Passes over each branch's data; the paper compares at one epoch (the joint run's token budget)."""
     lr_scheduler: str = "cosine"
-    """A transformers scheduler name (``SchedulerType``): ``cosine``, ``linear``, ``constant_with_warmup``, ..."""
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """A transformers scheduler name (``SchedulerType``): ``cosine``, ``linear``, ``constant_with_warmup``, ...
+    Cosine decay after warm-up: the usual instruction-tuning schedule (LLaVA, TRL examples)."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up from 0 (3%: LLaVA-1.5's value)."""
     weight_decay: float = Field(0.0, ge=0)
+    """0: the usual choice for short fine-tuning from a pretrained checkpoint (LLaVA, TRL's default)."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping at norm 1.0 (the Trainer's default)."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of full weights (PEFT). Branches are merged in weight space."""
     precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None

@@ -10,7 +10,9 @@ exactly what depends on it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,15 @@ STAGES = ("theta0", "mixture", "grads", "split", "branches", "merge", "joint", "
 
 def log(msg: str) -> None:
     print(f"[merit] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def timed(stage: str):
+    """One line when a stage ends, with its wall time (its start line is the stage's own)."""
+    start = time.time()
+    yield
+    seconds = time.time() - start
+    log(f"{stage}: finished in {seconds:.1f} s" if seconds < 120 else f"{stage}: finished in {seconds / 60:.1f} min")
 
 
 @dataclass
@@ -100,32 +111,40 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list) -> dict | N
     def done(stage: str) -> bool:
         return until == stage
 
-    theta0, theta0_hash, theta0_key = stage_theta0(cfg, out)
+    with timed("theta0"):
+        theta0, theta0_hash, theta0_key = stage_theta0(cfg, out)
     if done("theta0"):
         return None
     tokenizer = load_tokenizer(theta0)
-    mixture, mixture_key = stage_mixture(cfg, out, sources, tokenizer, theta0_key)
+    with timed("mixture"):
+        mixture, mixture_key = stage_mixture(cfg, out, sources, tokenizer, theta0_key)
     if done("mixture"):
         return None
-    grads_key = stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key)
+    with timed("grads"):
+        grads_key = stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key)
     if done("grads"):
         return None
-    variants = stage_split(cfg, out, mixture, grads_key, mixture_key)
+    with timed("split"):
+        variants = stage_split(cfg, out, mixture, grads_key, mixture_key)
     if done("split"):
         return None
-    branch_keys = stage_branches(cfg, out, variants, mixture, theta0, theta0_hash, failed)
+    with timed("branches"):
+        branch_keys = stage_branches(cfg, out, variants, mixture, theta0, theta0_hash, failed)
     if done("branches"):
         return None
     checkpoints = {"base": (theta0, theta0_key)}
-    checkpoints.update(stage_merge(cfg, variants, branch_keys))
+    with timed("merge"):
+        checkpoints.update(stage_merge(cfg, variants, branch_keys))
     if done("merge"):
         return None
     if cfg.baselines.joint:
-        checkpoints = {"base": checkpoints.pop("base"), "joint": stage_joint(cfg, out, mixture, theta0, theta0_hash,
-                                                                               theta0_key), **checkpoints}
+        with timed("joint"):
+            joint = stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key)
+        checkpoints = {"base": checkpoints.pop("base"), "joint": joint, **checkpoints}
     if done("joint"):
         return None
-    results = stage_eval(cfg, out, mixture, checkpoints, mixture_key)
+    with timed("eval"):
+        results = stage_eval(cfg, out, mixture, checkpoints, mixture_key)
     if done("eval"):
         return results
     stage_report(out, results, variants)

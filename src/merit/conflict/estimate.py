@@ -224,7 +224,7 @@ def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *
     model.to(device=device, dtype=torch.float32)  # fp32 accumulation
     cache = {} if device.type == "cuda" else None  # count-sketch buckets stay on the GPU between sources
     collate = collator_for(tokenizer)  # a VLM's batches carry pixels (None: text, pad_batch)
-    for name in tqdm(todo, desc="gradients", unit="source"):
+    for name in tqdm(todo, desc="gradients", unit="source", disable=None):
         calib = calibration_sample(sources[name], calibration_size, seed, name)
         t0 = time.perf_counter()
         grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id, collate, checkpointing)

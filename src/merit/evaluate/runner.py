@@ -122,7 +122,7 @@ def evaluate_model(model, tokenizer, sources: dict[str, list[dict]], settings: E
     """Per-source scores plus the macro score and the macro mean loss over sources."""
     model.eval()
     per = {}
-    for name, examples in tqdm(sources.items(), desc=desc, unit="source"):
+    for name, examples in tqdm(sources.items(), desc=desc, unit="source", disable=None):
         per[name] = evaluate_source(model, tokenizer, examples, settings)
     return {
         "macro": sum(v["score"] for v in per.values()) / len(per),

@@ -119,6 +119,10 @@ def execute(job: BranchJob, threads: int | None = None, launcher: str | None = N
 
     if threads:
         torch.set_num_threads(threads)
+    if not sys.stderr.isatty():  # a worker whose output is a log file: no weight loading/saving bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         run_branch(job, progress=progress, launcher=launcher)
         return True, None

@@ -163,7 +163,8 @@ def _drive(i: int, devices: str | None, threads: int, todo: queue.SimpleQueue, o
 
 def _start_worker(threads: int, devices: str | None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_PROGRESS_BARS="1")  # its output goes to a log file
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     return subprocess.Popen([sys.executable, "-m", "merit.launch.worker", "--serve", "--threads", str(threads),
@@ -214,7 +215,8 @@ def _torchrun(job, n: int, threads: int, devices: str | None, procs: dict) -> in
     import torch
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_PROGRESS_BARS="1")  # its output goes to a log file
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     if devices is None and not torch.cuda.is_available():

@@ -71,7 +71,8 @@ class _Bar(ProgressCallback):
         from tqdm.auto import tqdm
 
         if state.is_world_process_zero:
-            self.training_bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (a log file, CI)
+            self.training_bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True, disable=None)
         self.current_step = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
