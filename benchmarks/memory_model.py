@@ -3,35 +3,23 @@
     .venv/bin/python benchmarks/memory_model.py            # the table for SmolLM2-135M, 3B and 7B
     .venv/bin/python benchmarks/memory_model.py --json
 
-A model, not a measurement: it counts bytes of what training keeps alive, per GPU of a branch of G GPUs.
-
-- Parameters Ψ (trainable Ψ_t, frozen Ψ_f), from the architecture (embeddings, attention with grouped
-  KV heads, SwiGLU MLP, norms; a vision tower as a parameter count).
-- States, by precision (the Trainer's mixed precision keeps trainable parameters in fp32, autocasts
-  matmuls; DeepSpeed keeps a bf16/fp16 copy and an fp32 master inside its optimizer — same 16 bytes):
-  fp32 / bf16 / fp16 mixed: 4 (weights) + 4 (grads) + 8 (AdamW m, v) = 16 B per trainable parameter;
-  bf16-pure: 2 + 2 + 4 = 8 B. Frozen parameters: their dtype's size (2 B in bf16).
-- Sharding over G GPUs: ``ddp`` none; ``zero2`` (DeepSpeed ZeRO-2): gradients and optimizer state / G,
-  a 2-byte working copy of the weights on every GPU; ``zero3`` / ``fsdp``: everything / G.
-- Activations per token per decoder layer, counting the tensors autograd keeps in a Llama/Qwen2 layer
-  under autocast (fp32 residual stream, bf16 matmul inputs/outputs, fused attention without the L×L
-  matrix): ≈ 28·h + 8·I + 8·kv bytes (h hidden, I MLP width, kv the K/V width); in fp32 twice that.
-  With gradient checkpointing: the fp32 layer input only (4·h) per layer, plus one layer recomputed.
-- Logits: tokens × vocab × 4 B, three live copies (fp32 logits, log-softmax, their gradient).
-- A fixed runtime overhead (CUDA context and allocator slack on a GPU; the interpreter, torch and the
-  data on a CPU), 1.5 GB.
-
-``benchmarks/train_bench.py`` checks it against the peak RSS of SmolLM2-135M training on this CPU.
+The model itself is ``merit.plan.estimate.train_memory`` (what ``merit plan`` uses; its docstring says
+what it counts). This script applies it to the paper's settings and the reference configs, from the
+models' architecture numbers. ``benchmarks/train_bench.py`` checks it against the peak RSS of SmolLM2-135M
+training on this CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-GB = 1e9
-RUNTIME_BYTES = 1.5 * GB
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from merit.plan.estimate import GB, ModelShape, train_memory  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -57,6 +45,11 @@ class Arch:
         embeddings = self.vocab * h * (1 if self.tied else 2)
         return self.layers * per_layer + embeddings + h
 
+    def shape(self) -> ModelShape:
+        return ModelShape(params=int(self.lm_params + self.vision_params), trainable=int(self.lm_params),
+                          hidden=self.hidden, layers=self.layers, intermediate=self.intermediate,
+                          kv_width=self.kv_width, vocab=self.vocab)
+
 
 # Architecture numbers from the models' config.json files (Qwen2.5-VL: the language model's numbers; its
 # vision tower + merger is about 0.67B parameters).
@@ -67,38 +60,8 @@ ARCHS = {
 }
 
 
-def activation_bytes_per_token(arch: Arch, precision: str, checkpointing: bool) -> float:
-    half = 28 * arch.hidden + 8 * arch.intermediate + 8 * arch.kv_width
-    per_layer = half if precision != "fp32" else 2 * half
-    if checkpointing:
-        return arch.layers * 4 * arch.hidden + per_layer  # stored layer inputs + one layer recomputed
-    return arch.layers * per_layer
-
-
-def memory(arch: Arch, *, precision: str = "bf16", sharding: str = "ddp", gpus: int = 1, micro_batch: int = 1,
-           seq_len: int = 2048, checkpointing: bool = False) -> dict[str, float]:
-    """Bytes per GPU by component, and their total."""
-    trainable, frozen = arch.lm_params, arch.vision_params
-    pure = precision == "bf16-pure"
-    weights_b, grads_b, optim_b = (2, 2, 4) if pure else (4, 4, 8)
-    shard_all = sharding in ("zero3", "fsdp")
-    shard_states = sharding in ("zero2", "zero3", "fsdp")
-    div = gpus if shard_states else 1
-    if sharding == "zero2":
-        weights = trainable * 2  # the working copy stays whole; the fp32 master is part of the optimizer state
-        optim = trainable * (optim_b + (0 if pure else 4)) / div
-    else:
-        weights = trainable * weights_b / (gpus if shard_all else 1)
-        optim = trainable * optim_b / div
-    grads = trainable * grads_b / div
-    frozen_bytes = frozen * 2 / (gpus if shard_all else 1)
-    tokens = micro_batch * seq_len
-    acts = tokens * activation_bytes_per_token(arch, precision, checkpointing)
-    logits = tokens * arch.vocab * 4 * 3
-    parts = {"weights": weights, "frozen": frozen_bytes, "grads": grads, "optimizer": optim, "activations": acts,
-             "logits": logits, "runtime": RUNTIME_BYTES}
-    parts["total"] = sum(parts.values())
-    return parts
+def memory(arch: Arch, **kw) -> dict[str, float]:
+    return train_memory(arch.shape(), **kw)
 
 
 # The settings the reference configs use (configs/*.yaml), and what fits.

@@ -19,6 +19,7 @@ from merit.errors import MeritError, as_user_error
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
 from merit.merge import cli as merge_cli
+from merit.plan import cli as plan_cli
 from merit.split import cli as split_cli
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline on a YAML config")
     run.add_argument("config", type=Path)
     run_options(run)
+    plan_cli.add_estimate_options(run)
+    plan_cli.add_parser(sub)
     sub.add_parser("ls", help="list presets, split methods, merge operators and launchers")
     eval_cli.add_parser(sub)
     llava.add_parser(sub)
@@ -122,6 +125,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return merge_cli.run(args)
     if args.command == "split":
         return split_cli.run(args)
+    if args.command == "plan":
+        return plan_cli.run(args)
     if args.command in launch_cli.COMMANDS:
         return launch_cli.run(args)
     if args.command == "ls":
@@ -139,7 +144,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     demo_config = DEMO_VLM_CONFIG if getattr(args, "vlm", False) else DEMO_CONFIG
     cfg = load_config(demo_config if args.command == "demo" else args.config, overrides)
     out = args.out or Path("runs") / cfg.name
-    results = run(cfg, out, until=args.until)
+    results = run(cfg, out, until=args.until, gpu=getattr(args, "gpu", None), strict=getattr(args, "strict", False))
     if results is None:
         print(f"stopped after stage {args.until!r}; run folder: {out}")
         return 0

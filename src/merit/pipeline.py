@@ -74,7 +74,8 @@ def check(cfg: RunConfig) -> None:
     registry.get("launcher", cfg.launch.kind, field="launch.kind")
 
 
-def run(cfg: RunConfig, out: Path, until: str | None = None) -> dict | None:
+def run(cfg: RunConfig, out: Path, until: str | None = None, *, gpu: str | None = None,
+        strict: bool = False) -> dict | None:
     """Run (or resume) the whole pipeline in run folder ``out``; the results dict, or None with ``until``.
 
     A branch that fails stops the run before the merge with :class:`merit.launch.base.BranchFailed`
@@ -87,7 +88,7 @@ def run(cfg: RunConfig, out: Path, until: str | None = None) -> dict | None:
     if cfg.launch.threads:
         torch.set_num_threads(cfg.launch.threads)
     try:
-        results = _run(cfg, out, until, failed)
+        results = _run(cfg, out, until, failed, gpu, strict)
     finally:
         torch.set_num_threads(threads)
     if failed:
@@ -97,7 +98,8 @@ def run(cfg: RunConfig, out: Path, until: str | None = None) -> dict | None:
     return results
 
 
-def _run(cfg: RunConfig, out: Path, until: str | None, failed: list) -> dict | None:
+def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | None = None,
+         strict: bool = False) -> dict | None:
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
     check(cfg)
@@ -105,6 +107,15 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list) -> dict | N
     # Every check that needs only the config, the files, θ(0)'s headers or the tokenizer, before any work.
     reaches_eval = until is None or STAGES.index(until) >= STAGES.index("eval")
     sources = preflight(cfg, out, reaches_eval)
+    # What the run will cost and what is likely to go wrong, in its first lines (merit plan has the rest).
+    from merit.plan.cli import strict_failure
+    from merit.plan.summary import make_plan, render
+
+    plan = make_plan(cfg, sources, gpu)
+    for line in render(plan, short=True).splitlines():
+        log(line)
+    if strict and plan.warnings:
+        raise strict_failure(plan.warnings)
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_text(out / "config.yaml", dump_config(cfg))
 
