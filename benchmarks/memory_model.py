@@ -14,54 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from merit.plan.estimate import GB, ModelShape, train_memory  # noqa: E402
+from merit.plan.estimate import GB, KNOWN_MODELS, ModelShape, train_memory  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    tied: bool
-    vision_params: float = 0.0  # frozen in MERIT's setting (vision tower + projector)
-
-    @property
-    def kv_width(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
-
-    @property
-    def lm_params(self) -> float:
-        h, i, kv = self.hidden, self.intermediate, self.kv_width
-        per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two norms
-        embeddings = self.vocab * h * (1 if self.tied else 2)
-        return self.layers * per_layer + embeddings + h
-
-    def shape(self) -> ModelShape:
-        return ModelShape(params=int(self.lm_params + self.vision_params), trainable=int(self.lm_params),
-                          hidden=self.hidden, layers=self.layers, intermediate=self.intermediate,
-                          kv_width=self.kv_width, vocab=self.vocab)
+NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-vl-3b": "Qwen2.5-VL-3B-Instruct",
+         "qwen2.5-vl-7b": "Qwen2.5-VL-7B (merit base VLM)"}
+ARCHS = {key: KNOWN_MODELS[key]() for key in NAMES}
 
 
-# Architecture numbers from the models' config.json files (Qwen2.5-VL: the language model's numbers; its
-# vision tower + merger is about 0.67B parameters).
-ARCHS = {
-    "smollm2-135m": Arch("SmolLM2-135M-Instruct", 576, 30, 1536, 49152, 9, 3, True),
-    "qwen2.5-vl-3b": Arch("Qwen2.5-VL-3B-Instruct", 2048, 36, 11008, 151936, 16, 2, True, 0.67e9),
-    "qwen2.5-vl-7b": Arch("Qwen2.5-VL-7B (merit base VLM)", 3584, 28, 18944, 152064, 28, 4, False, 0.67e9),
-}
-
-
-def memory(arch: Arch, **kw) -> dict[str, float]:
-    return train_memory(arch.shape(), **kw)
+def memory(shape: ModelShape, **kw) -> dict[str, float]:
+    return train_memory(shape, **kw)
 
 
 # The settings the reference configs use (configs/*.yaml), and what fits.
@@ -89,10 +56,8 @@ CAPACITY = {"8x V100-32GB": 32 * GB, "8x A100-80GB": 80 * GB, "CPU (this machine
 def table() -> list[dict]:
     rows = []
     for key, hardware, kw in SCENARIOS:
-        arch = ARCHS[key]
-        m = memory(arch, **kw)
-        rows.append({"model": arch.name, "hardware": hardware, "params_B": round((arch.lm_params + arch.vision_params)
-                                                                                 / 1e9, 3),
+        m = memory(ARCHS[key], **kw)
+        rows.append({"model": NAMES[key], "hardware": hardware, "params_B": round(ARCHS[key].params / 1e9, 3),
                      **{k: v for k, v in kw.items()}, **{k: round(v / GB, 2) for k, v in m.items()},
                      "fits": m["total"] <= CAPACITY[hardware]})
     return rows

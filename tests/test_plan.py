@@ -148,3 +148,21 @@ def test_non_tty_run_has_no_weight_loading_or_saving_bars(tmp_path, tiny_checkpo
     log = (tmp_path / "run/branches/0.log").read_text()
     assert "Loading weights" not in log and "step 1/" in log and "loss" in log
     assert json.loads((tmp_path / "run/branches/0/manifest.json").read_text())["steps"] >= 1
+
+
+def test_plan_before_the_checkpoint_and_data_exist(tmp_path, capsys):
+    """--assume-model / --assume-data: the paper's 7B setting planned from numbers; the config's own paths
+    need not exist."""
+    cfg = {"model": {"path": str(tmp_path / "absent-model"), "dtype": "bfloat16"},
+           "mixture": {"dir": str(tmp_path / "absent-data"), "max_length": 2048}, "split": {"r": 2},
+           "train": {"batch_size": 2, "gradient_accumulation_steps": 8, "learning_rate": 2e-5},
+           "launch": {"processes_per_branch": 8, "gpus_per_branch": 8}}
+    path = write(tmp_path / "run.yaml", cfg)
+    assert main(["plan", str(path), "--quiet-config", "--gpu", "a100-80gb", "--assume-model", "qwen2.5-vl-7b",
+                 "--assume-data", "176:1.6e6:600"]) == 0
+    out = capsys.readouterr().out
+    assert "θ(0) 8.29B parameters (7.62B trained); precision bf16" in out
+    assert "3125 optimizer steps per branch" in out  # 1.6M / 4 groups / (2 × 8 × 8)
+    assert "warning: a branch needs ≈" in out  # 7.6B in mixed precision without sharding: ~160 GB per GPU
+    assert main(["plan", str(path), "--assume-data", "176:lots:600"]) == 2
+    assert "--assume-data '176:lots:600': expected SOURCES:EXAMPLES:TOKENS_PER_EXAMPLE" in capsys.readouterr().err

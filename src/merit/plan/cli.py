@@ -3,6 +3,9 @@
     merit plan configs/smollm2-bigbench.yaml
     merit plan configs/qwen2.5-vl-7b-mixture.yaml --gpu a100-80gb
     merit plan my.yaml --set train.learning_rate=1e-3 --strict      # exit 2 on any warning
+    # before the checkpoint and the data are here: the paper's 7B mixture by its numbers
+    merit plan configs/qwen2.5-vl-7b-mixture.yaml --gpu a100-80gb --assume-model qwen2.5-vl-7b \
+        --assume-data 176:1.6e6:600
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted key (repeatable)")
     add_estimate_options(p)
+    from merit.plan.estimate import KNOWN_MODELS
+
+    p.add_argument("--assume-model", metavar="NAME", help=f"plan without θ(0)'s folder, from a known architecture: "
+                   f"{', '.join(KNOWN_MODELS)}")
+    p.add_argument("--assume-data", metavar="T:N:L", help="plan without the data: T sources, N training examples "
+                   "in all, L tokens per example (e.g. 176:1.6e6:600)")
     p.add_argument("--quiet-config", action="store_true", help="do not print the resolved config")
 
 
@@ -37,13 +46,16 @@ def strict_failure(warnings: list[str]) -> ConfigError:
 
 def run(args: argparse.Namespace) -> int:
     from merit.config import dump_config, load_config
-    from merit.plan.summary import make_plan, render
+    from merit.plan.summary import AssumedData, make_plan, render
 
     cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg, gpu=args.gpu)
+    data = AssumedData.parse(args.assume_data) if args.assume_data else None
+    plan = make_plan(cfg, gpu=args.gpu, assume_model=args.assume_model, assume_data=data)
     if not args.quiet_config:
         print(dump_config(cfg).rstrip())
         print()
+    if args.assume_model or data:
+        print(f"assumed: {', '.join(x for x in (args.assume_model and f'θ(0) = {args.assume_model}', data and f'{data.sources} sources, {data.examples:,} examples, {data.tokens_per_example:g} tokens each') if x)}")
     print(render(plan))
     if args.strict and plan.warnings:
         raise strict_failure(plan.warnings)

@@ -86,6 +86,26 @@ class ModelShape:
         return self.params - self.trainable
 
 
+def decoder_shape(hidden: int, layers: int, intermediate: int, vocab: int, heads: int, kv_heads: int, tied: bool,
+                  frozen: float = 0.0) -> ModelShape:
+    """A Llama/Qwen2-style decoder (plus ``frozen`` parameters, e.g. a vision tower) from its config numbers,
+    the decoder trained in full."""
+    kv = hidden // heads * kv_heads
+    per_layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * intermediate + 2 * hidden
+    lm = layers * per_layer + vocab * hidden * (1 if tied else 2) + hidden
+    return ModelShape(params=int(lm + frozen), trainable=int(lm), hidden=hidden, layers=layers,
+                      intermediate=intermediate, kv_width=kv, vocab=vocab)
+
+
+# For planning before a checkpoint is at hand (merit plan --assume-model): the numbers of the models'
+# config.json files (Qwen2.5-VL: its language model; vision tower + merger ≈ 0.67B parameters, frozen).
+KNOWN_MODELS = {
+    "smollm2-135m": lambda: decoder_shape(576, 30, 1536, 49152, 9, 3, True),
+    "qwen2.5-vl-3b": lambda: decoder_shape(2048, 36, 11008, 151936, 16, 2, True, frozen=0.67e9),
+    "qwen2.5-vl-7b": lambda: decoder_shape(3584, 28, 18944, 152064, 28, 4, False, frozen=0.67e9),
+}
+
+
 def activation_bytes_per_token(m: ModelShape, precision: str, checkpointing: bool) -> float | None:
     if None in (m.hidden, m.layers, m.intermediate, m.kv_width):
         return None

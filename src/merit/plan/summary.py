@@ -49,18 +49,59 @@ class Plan:
     disk: list[tuple[str, float | None]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     min_detectable_points: float | None = None
+    assumed: bool = False  # sources described by --assume-data, not read
 
 
-def make_plan(cfg: RunConfig, sources=None, gpu: str | None = None) -> Plan:
-    """The plan of ``cfg``; ``sources`` (``merit.data.mixture.Source`` list) when already resolved."""
+@dataclass(frozen=True)
+class AssumedData:
+    """A mixture described by numbers, for planning before the data is at hand (``--assume-data``)."""
+
+    sources: int
+    examples: int
+    tokens_per_example: float
+
+    @classmethod
+    def parse(cls, text: str) -> AssumedData:
+        from merit.errors import ConfigError
+
+        try:
+            t, n, length = text.split(":")
+            out = cls(int(float(t)), int(float(n)), float(length))
+        except ValueError:
+            raise ConfigError(f"--assume-data {text!r}: expected SOURCES:EXAMPLES:TOKENS_PER_EXAMPLE, "
+                              "e.g. 176:1.6e6:600") from None
+        if min(out.sources, out.examples) < 1 or out.tokens_per_example <= 0:
+            raise ConfigError(f"--assume-data {text!r}: every number must be positive")
+        return out
+
+
+def make_plan(cfg: RunConfig, sources=None, gpu: str | None = None, *, assume_model: str | None = None,
+              assume_data: AssumedData | None = None) -> Plan:
+    """The plan of ``cfg``; ``sources`` (``merit.data.mixture.Source`` list) when already resolved.
+
+    ``assume_model`` (a ``merit.plan.estimate.KNOWN_MODELS`` name) and ``assume_data`` replace θ(0) and the
+    mixture by their numbers, for planning before the checkpoint or the data is here."""
     from merit.data import mixture as mixture_stage
+    from merit.errors import ConfigError
     from merit.train.options import resolve_precision
 
+    if assume_model is not None and assume_model not in est.KNOWN_MODELS:
+        raise ConfigError(f"--assume-model: unknown {assume_model!r}; known: {', '.join(est.KNOWN_MODELS)}")
     with tempfile.TemporaryDirectory(prefix="merit-plan-") as scratch:
-        if sources is None:  # the built-in mixture is generated into a scratch folder, not a run folder
-            sources = mixture_stage.resolve_sources(cfg.mixture, Path(scratch), cfg.seed)
-        tokenizer, model = _theta0(cfg)
-        planned = [_source(s, cfg, tokenizer, mixture_stage) for s in sources]
+        tokenizer, model = (None, est.KNOWN_MODELS[assume_model]()) if assume_model else _theta0(cfg)
+        if assume_data is not None:
+            per = assume_data.examples // assume_data.sources
+            cap = cfg.eval.max_per_source or 0
+            planned = [SourcePlan(f"source {i + 1}", per, per * assume_data.tokens_per_example, False, 0.0, cap)
+                       for i in range(assume_data.sources)]
+        else:
+            if sources is None:  # the built-in mixture is generated into a scratch folder, not a run folder
+                sources = mixture_stage.resolve_sources(cfg.mixture, Path(scratch), cfg.seed)
+            if tokenizer is None and assume_model is not None and cfg.model.path:
+                from merit.models.loading import load_tokenizer
+
+                tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            planned = [_source(s, cfg, tokenizer, mixture_stage) for s in sources]
     k = cfg.groups
     processes = cfg.launch.processes_per_branch
     global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * processes
@@ -71,7 +112,7 @@ def make_plan(cfg: RunConfig, sources=None, gpu: str | None = None) -> Plan:
     hw = _hardware(gpu, cfg)
     devices = processes if hw.sustained is None else 1
     plan = Plan(cfg.name, planned, k, global_batch, int(math.ceil(steps_branch)), int(math.ceil(steps_joint)),
-                model, precision, hw, devices)
+                model, precision, hw, devices, assumed=assume_data is not None)
     _estimates(plan, cfg)
     _warnings(plan, cfg)
     return plan
@@ -254,12 +295,23 @@ def _warnings(plan: Plan, cfg: RunConfig) -> None:
         elif s.truncated_share >= 0.5:
             w.append(f"source {s.name}: {s.truncated_share:.0%} of sampled examples are cut at "
                      f"mixture.max_length={cfg.mixture.max_length}")
-    branch = next((st for st in plan.stages if st[0] == "branch (each)"), None)
-    if branch is not None and branch[2] is not None and branch[2] > plan.hardware.memory_bytes:
+    stages = {st[0]: st for st in plan.stages}
+    capacity = plan.hardware.memory_bytes
+    branch = stages.get("branch (each)")
+    if branch is not None and branch[2] is not None and branch[2] > capacity:
         w.append(f"a branch needs ≈ {est.human_bytes(branch[2])} per device, more than the "
-                 f"{est.human_bytes(plan.hardware.memory_bytes)} of a {plan.hardware.name}: shard it "
+                 f"{est.human_bytes(capacity)} of a {plan.hardware.name}: shard it "
                  "(train.deepspeed ZeRO-2/3 or train.fsdp over launch.processes_per_branch GPUs), lower "
                  "train.batch_size, or set train.gradient_checkpointing")
+    grads = stages.get("grads")
+    if grads is not None and grads[2] is not None and grads[2] > capacity:
+        smallest = cfg.grads.batch_size == 1 and cfg.grads.gradient_checkpointing
+        fix = ("it runs in fp32 in one process: estimate the gradients on a device with more memory (the stage "
+               "can run alone: merit run ... --until split)" if smallest else
+               "set grads.batch_size: 1 and grads.gradient_checkpointing: true")
+        w.append(f"gradient estimation needs ≈ {est.human_bytes(grads[2])} on one device (fp32 θ(0) and gradients, "
+                 f"micro-batch {cfg.grads.batch_size}), more than the {est.human_bytes(capacity)} of a "
+                 f"{plan.hardware.name}: {fix}")
 
 
 def _count(n: int) -> str:
@@ -286,7 +338,7 @@ def render(plan: Plan, short: bool = False) -> str:
             continue
         peak = "" if b is None else f", peak ≈ {est.human_bytes(b)} per device"
         lines.append(f"plan: {name}: ≈ {est.human_seconds(s)}{peak} on {plan.hardware.name} ({note})")
-    if not short:
+    if not short and not plan.assumed:
         lines.append("")
         lines.append("| source | examples | tokens | cut at max_length | eval items |")
         lines.append("|---|---|---|---|---|")
@@ -295,6 +347,7 @@ def render(plan: Plan, short: bool = False) -> str:
                          f"{s.truncated_share:.0%} | {s.eval_items} |")
         if len(plan.sources) > 40:
             lines.append(f"| ... {len(plan.sources) - 40} more | | | | |")
+    if not short:
         lines.append("")
         for name, b in plan.disk:
             lines.append(f"disk: {name}: ≈ {est.human_bytes(b)}")
