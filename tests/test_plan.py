@@ -131,6 +131,13 @@ def test_library_defaults_are_for_pretrained_checkpoints_and_the_demo_keeps_its_
     assert (demo.learning_rate, demo.warmup_ratio, demo.batch_size, demo.lr_scheduler) == (1e-3, 0.05, 16, "cosine")
     vlm = load_config(DEMO_VLM_CONFIG).train
     assert (vlm.learning_rate, vlm.warmup_ratio) == (2e-3, 0.05)
+    # ... so the demo's branch identity (what its keys hash) is the one the old defaults gave.
+    from merit.pipeline import training_identity
+
+    old_defaults = {"learning_rate": 1e-3, "batch_size": 16, "gradient_accumulation_steps": 1, "epochs": 1.0,
+                    "lr_scheduler": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                    "lora": None}
+    assert training_identity(load_config(DEMO_CONFIG))[0] == old_defaults
 
 
 def test_non_tty_run_has_no_weight_loading_or_saving_bars(tmp_path, tiny_checkpoint):
