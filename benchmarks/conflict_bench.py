@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import machine  # noqa: E402
 from merit.conflict import estimate as est  # noqa: E402
 from merit.conflict.compress import CompressionSpec, compress  # noqa: E402
 from merit.conflict.cosine import cosine_matrix  # noqa: E402
@@ -47,20 +47,6 @@ from merit.split.pca import pca_scores  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"{gpu}")
 
 
 def pick_sources(data: Path, n: int) -> list[str]:

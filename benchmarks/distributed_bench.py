@@ -29,7 +29,8 @@ GLOBAL_BATCH = 8
 def child(args) -> None:
     import torch
 
-    from train_bench import TASKS, examples, machine, train_once  # noqa: F401  (same data and train() call)
+    from common import machine
+    from train_bench import TASKS, examples, train_once  # the same data and train() call as train_bench
 
     from merit.models.loading import load_tokenizer
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -43,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import memory_model  # noqa: E402
+from common import machine  # noqa: E402
 from merit.config import ModelConfig, TrainConfig  # noqa: E402
 from merit.data.chat import IGNORE  # noqa: E402
 from merit.data.jsonl import read_examples  # noqa: E402
@@ -72,20 +71,6 @@ MIXTURES = {"12-task": (TASKS, 192), "48-task": (None, 256)}
 
 def log(msg: str) -> None:
     print(f"[train-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"{gpu}")
 
 
 def examples(tokenizer, data: Path, tasks: list[str] | None, n: int, seed: int = 0, max_length: int = 192):

@@ -135,12 +135,17 @@ def test_sigkill_of_one_rank_then_rerun_resumes(tmp_path, tiny_checkpoint):
 def test_fsdp_branch_saves_full_tensors(tmp_path, tiny_checkpoint):
     cfg = config(tmp_path, tiny_checkpoint, 2, devices=["0,1"])
     cfg["train"]["fsdp"] = {"reshard_after_forward": True}
+    _assert_saved_whole(tmp_path, tiny_checkpoint, cfg, "FSDP")
+
+
+def _assert_saved_whole(tmp_path, tiny_checkpoint, cfg: dict, distributed: str) -> None:
+    """The sharded branch trains, and saves every tensor whole (θ(0)'s names and shapes)."""
     path = write(tmp_path / "run.yaml", cfg)
     assert main(["run", str(path), "--out", str(tmp_path / "run"), "--until", "branches"]) == 0
     theta0 = load_file(str(tiny_checkpoint / "model.safetensors"))
     branch = weights(tmp_path / "run", 0)
     assert {n: t.shape for n, t in branch.items()} == {n: t.shape for n, t in theta0.items()}
-    assert json.loads((tmp_path / "run/branches/0/manifest.json").read_text())["distributed"] == "FSDP"
+    assert json.loads((tmp_path / "run/branches/0/manifest.json").read_text())["distributed"] == distributed
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -216,12 +221,7 @@ def test_zero3_branch_saves_full_tensors(tmp_path, tiny_checkpoint):
     cfg["train"]["deepspeed"] = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                                  "train_batch_size": "auto", "gradient_clipping": "auto"}
-    path = write(tmp_path / "run.yaml", cfg)
-    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--until", "branches"]) == 0
-    theta0 = load_file(str(tiny_checkpoint / "model.safetensors"))
-    branch = weights(tmp_path / "run", 0)
-    assert {n: t.shape for n, t in branch.items()} == {n: t.shape for n, t in theta0.items()}
-    assert json.loads((tmp_path / "run/branches/0/manifest.json").read_text())["distributed"] == "DEEPSPEED"
+    _assert_saved_whole(tmp_path, tiny_checkpoint, cfg, "DEEPSPEED")
 
 
 def test_fsdp_unknown_option(tmp_path, tiny_checkpoint, capsys):

@@ -174,6 +174,27 @@ def check_branches(folders: Sequence[Path], groups: Sequence[Sequence[str]], the
                              "it was trained on other data")
 
 
+def pooled(jobs: Sequence[BranchJob], one, workers: int, on_exit=None) -> list[Outcome]:
+    """``one(job) -> Outcome`` for every job, ``workers`` at once in threads (each thread waits on a job
+    that runs elsewhere: a torchrun, a Ray Train run), with the progress bars of their status files;
+    ``on_exit`` runs last however this ends (stop what is still running when interrupted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monitor = Monitor(jobs)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))))
+    try:
+        futures = [pool.submit(one, job) for job in jobs]
+        while not all(f.done() for f in futures):
+            monitor.poll()
+            time.sleep(0.2)
+        return [f.result() for f in futures]
+    finally:
+        if on_exit is not None:
+            on_exit()
+        pool.shutdown(wait=True, cancel_futures=True)
+        monitor.close()
+
+
 class Monitor:
     """Progress bars for jobs running in other processes, fed by their status files (one bar per job)."""
 

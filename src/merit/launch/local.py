@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from merit import artifacts
-from merit.launch.base import Monitor, Outcome, check_processes, cpus_per_branch, execute, outcome_of, rank_threads
+from merit.launch.base import (Monitor, Outcome, check_processes, cpus_per_branch, execute, outcome_of, pooled,
+                               rank_threads)
 from merit.launch.worker import MARK
 from merit.registry import register
 
@@ -174,8 +175,6 @@ def _start_worker(threads: int, devices: str | None) -> subprocess.Popen:
 
 def _torchrun_jobs(jobs: list, cfg, slots: list[str | None]) -> list[Outcome]:
     """Every job as one torchrun of ``launch.processes_per_branch`` ranks, ``len(slots)`` at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
     threads = rank_threads(cfg, default=max(1, (os.cpu_count() or 1) // len(slots)))
     free: queue.SimpleQueue = queue.SimpleQueue()
     for slot in slots:
@@ -193,20 +192,12 @@ def _torchrun_jobs(jobs: list, cfg, slots: list[str | None]) -> list[Outcome]:
             _job_file_path(job).unlink(missing_ok=True)
         return outcome_of(job, ok, None if ok else f"torchrun: {_exit_reason(rc)}")
 
-    monitor = Monitor(jobs)
-    pool = ThreadPoolExecutor(max_workers=min(len(slots), len(jobs)))
-    try:
-        futures = [pool.submit(one, job) for job in jobs]
-        while not all(f.done() for f in futures):
-            monitor.poll()
-            time.sleep(0.2)
-        return [f.result() for f in futures]
-    finally:
-        for proc in list(procs.values()):  # interrupted: stop every rank (torchrun forwards the signal)
+    def stop() -> None:  # interrupted: stop every rank (torchrun forwards the signal to them)
+        for proc in list(procs.values()):
             if proc.poll() is None:
                 proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
-        monitor.close()
+
+    return pooled(jobs, one, len(slots), on_exit=stop)
 
 
 def _torchrun(job, n: int, threads: int, devices: str | None, procs: dict) -> int:

@@ -13,12 +13,11 @@ With ``launch.processes_per_branch: N > 1`` each branch is one Ray Train run (``
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from merit.errors import ConfigError
-from merit.launch.base import Monitor, Outcome, cpus_per_branch, execute, one_line, outcome_of, require
+from merit.launch.base import Monitor, Outcome, cpus_per_branch, execute, one_line, outcome_of, pooled, require
 from merit.registry import register
 
 if TYPE_CHECKING:
@@ -40,8 +39,6 @@ def _train_loop(config: dict) -> None:
 
 def _ray_train(ray, jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     """Each job as one Ray Train run of ``launch.processes_per_branch`` workers, ``launch.workers`` at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -65,17 +62,7 @@ def _ray_train(ray, jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcom
             error = one_line(e)
         return outcome_of(job, error is None, error)
 
-    monitor = Monitor(jobs)
-    pool = ThreadPoolExecutor(max_workers=cfg.workers or len(jobs))
-    try:
-        futures = [pool.submit(one, job) for job in jobs]
-        while not all(f.done() for f in futures):
-            monitor.poll()
-            time.sleep(0.5)
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        monitor.close()
+    return pooled(jobs, one, cfg.workers or len(jobs))
 
 
 @register("launcher", "ray")
