@@ -138,6 +138,14 @@ def test_library_defaults_are_for_pretrained_checkpoints_and_the_demo_keeps_its_
                     "lr_scheduler": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0,
                     "lora": None}
     assert training_identity(load_config(DEMO_CONFIG))[0] == old_defaults
+    # θ(0)'s warm-up pins its own schedule too.
+    from merit.config import PrepareConfig
+    from merit.models.presets import warmup_hyperparameters
+
+    assert warmup_hyperparameters(PrepareConfig()).model_dump() == {**old_defaults, "learning_rate": 3e-3,
+                                                                     "batch_size": 32, "epochs": 2.0,
+                                                                     **{k: v for k, v in TrainConfig().model_dump().items()
+                                                                        if k not in old_defaults}}
 
 
 def test_non_tty_run_has_no_weight_loading_or_saving_bars(tmp_path, tiny_checkpoint):

@@ -16,6 +16,14 @@ from merit.config import PrepareConfig, TrainConfig
 from merit.registry import register
 
 
+def warmup_hyperparameters(cfg: PrepareConfig) -> TrainConfig:
+    """The warm-up's training settings: ``prepare.*`` plus a fixed schedule (cosine, 5% warm-up, no weight
+    decay, clipping at 1), pinned here so that θ(0) does not move when library defaults change (those are
+    for fine-tuning pretrained checkpoints)."""
+    return TrainConfig(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                       lr_scheduler="cosine", warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0)
+
+
 @register("model-preset", "tiny")
 def prepare_tiny(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 128) -> dict:
     """Build, warm up and save the tiny θ(0) into folder ``out`` (which must be empty)."""
@@ -26,7 +34,7 @@ def prepare_tiny(out: Path, cfg: PrepareConfig, seed: int, max_length: int = 128
     warmup, examples, tokenizer = _tiny_warmup_and_tokenizer(cfg, seed)
     model = build_model(tokenizer, seed)
     tokenized, _, _ = tokenize_examples(tokenizer, examples, max_length, "built-in warm-up mixture")
-    hp = TrainConfig(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, epochs=cfg.epochs)
+    hp = warmup_hyperparameters(cfg)
     stats = train(model, tokenizer, tokenized, hp, seed, desc="warm-up θ(0)")
     save_checkpoint(model, tokenizer, out)
     return {
@@ -101,7 +109,7 @@ def prepare_tiny_vlm(out: Path, cfg: PrepareConfig, seed: int, max_length: int =
         tokenizer = ProcessorTokenizer(processor)
         model = build_model(processor, seed)
         tokenized, _, _ = tokenize_examples(tokenizer, examples, max_length, "built-in vision warm-up mixture")
-        hp = TrainConfig(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, epochs=cfg.epochs)
+        hp = warmup_hyperparameters(cfg)
         stats = train(model, tokenizer, tokenized, hp, seed, desc="warm-up θ(0)")
     save_checkpoint(model, processor, out)
     return {
