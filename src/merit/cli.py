@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if _main_thread():
             # The process is ending: a second Ctrl-C / SIGTERM must not interrupt the clean-up or the exit
-            # (seen: a second KeyboardInterrupt during interpreter shutdown made the exit status -SIGINT).
+            # (seen once in tests/test_bad_input.py: exit status -SIGINT after the "interrupted" line was printed).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             previous = None
