@@ -2,8 +2,9 @@
 wrong — in seconds, before any training, with no model weights loaded (θ(0)'s architecture is built on
 the meta device from its config).
 
-Counts come from the data: every source's examples are counted and up to ``SAMPLE`` of them tokenized
-with θ(0)'s tokenizer (token budgets are extrapolated from that sample, marked ≈). Times and memory are
+Counts come from the data: every source's examples are counted and up to ``SAMPLE`` of them (``SAMPLE_VLM``
+for a vision-language θ(0)) tokenized with θ(0)'s tokenizer (token budgets are extrapolated from that
+sample, marked ≈). Times and memory are
 the estimates of ``merit.plan.estimate``, for the hardware given with ``--gpu`` (or this machine).
 """
 
@@ -19,6 +20,7 @@ from merit.config import RunConfig
 from merit.plan import estimate as est
 
 SAMPLE = 200  # examples tokenized per source for its token budget
+SAMPLE_VLM = 16  # a VLM example decodes and preprocesses its images (~30 ms each): fewer
 PAPER_GAIN_POINTS = 2.7  # MERIT over joint on the paper's 8-benchmark average (54.3 -> 57.0)
 MIN_STEPS = 50
 
@@ -176,7 +178,7 @@ def _shape(meta, cfg: RunConfig) -> est.ModelShape:
 
 def _source(s, cfg: RunConfig, tokenizer, mixture_stage) -> SourcePlan:
     train, ev = mixture_stage.read_source(s, cfg.mixture)
-    sample = train[:SAMPLE]
+    sample = train[:SAMPLE_VLM if getattr(tokenizer, "processor", None) is not None else SAMPLE]
     truncated = 0
     if tokenizer is not None and sample:
         toks, truncated, skipped = mixture_stage.tokenize_examples(tokenizer, sample, cfg.mixture.max_length,
