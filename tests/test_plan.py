@@ -118,6 +118,7 @@ def test_run_starts_with_the_plan_summary(tmp_path, capsys):
     assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--until", "theta0"]) == 0
     err = capsys.readouterr().err
     assert "[merit] plan: 4 sources, 96 examples" in err and "[merit] plan: K = 2 groups" in err
+    assert "merit: warning: 12 optimizer steps per branch" in err  # merit's usual warning line
 
 
 def test_library_defaults_are_for_pretrained_checkpoints_and_the_demo_keeps_its_own():

@@ -22,7 +22,7 @@ import torch
 from merit import artifacts, registry
 from merit.config import RunConfig, dump_config
 from merit.data import mixture as mixture_stage
-from merit.errors import ConfigError, notice
+from merit.errors import ConfigError, notice, warn
 from merit.models.loading import check_checkpoint, checkpoint_hash, load_for_training, load_model, load_tokenizer
 from merit.preflight import preflight
 from merit.split.partition import SplitInputs, token_weights
@@ -113,7 +113,10 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | 
 
     plan = make_plan(cfg, sources, gpu)
     for line in render(plan, short=True).splitlines():
-        log(line)
+        if line.startswith("warning: "):
+            warn(line.removeprefix("warning: "))  # merit's usual "merit: warning:" line
+        else:
+            log(line)
     if strict and plan.warnings:
         raise strict_failure(plan.warnings)
     out.mkdir(parents=True, exist_ok=True)
