@@ -89,13 +89,18 @@ def _train_branch(args: argparse.Namespace) -> int:
     from merit.models.vlm import is_vlm
     from merit.train.options import check_train_options, explain_precision
 
+    from merit.train.branch import distributed
+
     job, cfg = job_from_args(args)
     check_train_options(cfg.train, cfg.model, is_vlm=is_vlm(job.theta0))  # one line, before the log exists
-    explain_precision(cfg.train, cfg.model)
+    lead = distributed()[0] == 0  # under a hand-started torchrun, rank 0 alone talks
+    if lead:
+        explain_precision(cfg.train, cfg.model)
     threads = args.threads or cfg.launch.cpus_per_branch
     if threads:
         torch.set_num_threads(threads)
-    print(f"[merit] {job.name}: training into {job.out} (log: {job.log})", file=sys.stderr, flush=True)
+    if lead:
+        print(f"[merit] {job.name}: training into {job.out} (log: {job.log})", file=sys.stderr, flush=True)
     try:
         manifest = run_branch(job, progress=True, launcher="train-branch")
     except (Exception, KeyboardInterrupt) as e:
@@ -103,7 +108,8 @@ def _train_branch(args: argparse.Namespace) -> int:
             raise
         # The traceback is in the log; the user gets one line that says where.
         raise MeritError(f"{job.name} failed ({one_line(e)}); log: {job.log}; rerun to resume") from None
-    print(f"{job.name}: done, {manifest['steps']} steps, {manifest['tokens_seen']} tokens -> {job.out}")
+    if lead:
+        print(f"{job.name}: done, {manifest['steps']} steps, {manifest['tokens_seen']} tokens -> {job.out}")
     return 0
 
 
