@@ -99,7 +99,7 @@ def make_plan(cfg: RunConfig, sources=None, gpu: str | None = None, *, assume_mo
         else:
             if sources is None:  # the built-in mixture is generated into a scratch folder, not a run folder
                 sources = mixture_stage.resolve_sources(cfg.mixture, Path(scratch), cfg.seed)
-            if tokenizer is None and assume_model is not None and cfg.model.path:
+            if tokenizer is None and assume_model is not None and cfg.model.path and Path(cfg.model.path).is_dir():
                 from merit.models.loading import load_tokenizer
 
                 tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -143,7 +143,8 @@ def _theta0(cfg: RunConfig):
         if probed is None:
             return None, None
         tokenizer, meta = probed
-    return tokenizer, _shape(meta, cfg)  # a preset VLM has no processor before it is built: budgets from characters
+    # (a preset VLM has no processor before it is built: its token budgets come from characters)
+    return tokenizer, _shape(meta, cfg)
 
 
 def _shape(meta, cfg: RunConfig) -> est.ModelShape:
