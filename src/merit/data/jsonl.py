@@ -55,6 +55,14 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[dict]:
     return examples
 
 
+def count_examples(path: str | Path, limit: int | None = None) -> int:
+    """The number of examples of a JSONL file (non-blank lines, at most ``limit``), without parsing them:
+    what ``read_examples`` would return the length of for a valid file."""
+    with open(path, "rb") as f:
+        n = sum(1 for raw in f if raw.strip())
+    return n if limit is None else min(n, limit)
+
+
 def check_example(ex: object, where: str) -> None:
     if not isinstance(ex, dict):
         raise DataError(f"{where}: expected a JSON object with a 'messages' list")

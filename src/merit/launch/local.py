@@ -202,16 +202,13 @@ def _torchrun_jobs(jobs: list, cfg, slots: list[str | None]) -> list[Outcome]:
 
 def _torchrun(job, n: int, threads: int, devices: str | None, procs: dict) -> int:
     """Run ``job`` as ``torchrun --standalone --nproc-per-node n``; its exit code. torchrun's own
-    messages go to the job's log, each rank's output to its rank log (merit.launch.worker)."""
-    import torch
-
+    messages go to the job's log, each rank's output to its rank log (merit.launch.worker). On CPU the
+    ranks form a gloo group: ``training_arguments`` asks for CPU training when WORLD_SIZE > 1."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false",
                HF_HUB_DISABLE_PROGRESS_BARS="1")  # its output goes to a log file
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
-    if devices is None and not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "true"  # ranks on CPU: accelerate's gloo process group
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "--max-restarts=0", "-m", "merit.launch.worker", "--threads", str(threads), "--launcher", "local",
            str(_job_file(job))]

@@ -43,15 +43,7 @@ def _task(job, threads: int | None, processes: int = 1) -> tuple[bool, str | Non
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export()
-        if not _has_cuda():
-            os.environ["ACCELERATE_USE_CPU"] = "true"
     return execute(job, threads=threads, launcher="slurm")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def minutes(value: int | float | str) -> int:

@@ -178,8 +178,13 @@ def _shape(meta, cfg: RunConfig) -> est.ModelShape:
 
 
 def _source(s, cfg: RunConfig, tokenizer, mixture_stage) -> SourcePlan:
-    train, ev = mixture_stage.read_source(s, cfg.mixture)
-    sample = train[:SAMPLE_VLM if getattr(tokenizer, "processor", None) is not None else SAMPLE]
+    """A source's counts from its line counts and a tokenized sample of its first examples (the files are
+    not parsed whole a second time: ``merit run``'s pre-work checks have validated every line)."""
+    from merit.data.jsonl import count_examples, read_examples
+
+    samples = count_examples(s.train, cfg.mixture.max_train_per_source)
+    size = SAMPLE_VLM if getattr(tokenizer, "processor", None) is not None else SAMPLE
+    sample = read_examples(s.train, min(size, samples))
     truncated = 0
     if tokenizer is not None and sample:
         toks, truncated, skipped = mixture_stage.tokenize_examples(tokenizer, sample, cfg.mixture.max_length,
@@ -189,10 +194,12 @@ def _source(s, cfg: RunConfig, tokenizer, mixture_stage) -> SourcePlan:
     else:  # no tokenizer before the preset is built: ~4 characters per token
         chars = [sum(len(str(m.get("content", ""))) for m in ex["messages"]) for ex in sample]
         mean = min(cfg.mixture.max_length, sum(chars) / max(1, len(chars)) / 4)
-    cap = cfg.eval.max_per_source
-    items = len(ev) if cap is None else min(cap, len(ev))
-    return SourcePlan(s.name, len(train), mean * len(train), len(sample) == len(train) and tokenizer is not None,
-                      truncated / len(sample) if sample else 0.0, items if s.eval else 0)
+    items = 0
+    if s.eval:
+        caps = [c for c in (cfg.mixture.max_eval_per_source, cfg.eval.max_per_source) if c is not None]
+        items = count_examples(s.eval, min(caps) if caps else None)
+    return SourcePlan(s.name, samples, mean * samples, len(sample) == samples and tokenizer is not None,
+                      truncated / len(sample) if sample else 0.0, items)
 
 
 def _hardware(gpu: str | None, cfg: RunConfig) -> est.Hardware:

@@ -24,6 +24,7 @@ from merit.data.mixture import load_train
 from merit.errors import MeritError
 from merit.models.loading import DTYPES, load_for_training, load_tokenizer
 from merit.train import options
+from merit.train.options import distributed
 from merit.train.trainer import last_checkpoint, train
 
 
@@ -128,11 +129,6 @@ class _JobLog:
 
     def close(self) -> None:
         self.file.close()
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size) of this process when ``torchrun`` / ``accelerate launch`` started several; (0, 1) else."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def barrier(world: int) -> None:

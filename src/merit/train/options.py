@@ -97,11 +97,12 @@ def deepspeed_config(value: str | dict) -> dict:
     return config
 
 
-def world_size() -> int:
-    """Processes of this branch's distributed job (torchrun, Ray Train and merit's Slurm tasks set it)."""
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process in a branch's distributed job — torchrun, ``accelerate launch``,
+    Ray Train and merit's Slurm tasks set ``RANK`` / ``WORLD_SIZE`` — or (0, 1)."""
     import os
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def explain_precision(train: TrainConfig, model: ModelConfig) -> None:
@@ -145,7 +146,7 @@ def training_arguments(train: TrainConfig, precision: str, *, output_dir: str, s
         fp16=precision == "fp16",
         # Without CUDA, bf16 autocast and a multi-process branch (gloo) must be asked for as CPU training
         # (else the Trainer refuses bf16: "doesn't support bf16/gpu"); otherwise it picks the device.
-        use_cpu=not cuda and (precision == "bf16" or world_size() > 1),
+        use_cpu=not cuda and (precision == "bf16" or distributed()[1] > 1),
         # TF32 matmuls where the GPU has them (Ampere+): fp32 parts of a mixed-precision step run faster.
         tf32=True if cuda and torch.cuda.get_device_capability(0) >= (8, 0) else None,
         activation_checkpointing=train.gradient_checkpointing,

@@ -114,7 +114,7 @@ class _Trainer(Trainer):
     """The Trainer, given the examples' lengths for ``train.group_by_length`` (it would otherwise read every
     example through ``__getitem__``, which for a VLM dataset is not a dict)."""
 
-    def __init__(self, *args, lengths: list[int], **kwargs):
+    def __init__(self, *args, lengths: list[int] | None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lengths = lengths
 
@@ -203,7 +203,7 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
             args=args,
             train_dataset=_Examples(examples) if vision is None else VisionDataset(examples),
             data_collator=vision or text_collator(tokenizer, cfg.packing),
-            lengths=[len(t.input_ids) for t in examples],
+            lengths=[len(t.input_ids) for t in examples] if cfg.group_by_length else None,
         )
         # Our own console output: a plain progress bar (or none), never the per-step log dicts.
         trainer.remove_callback(ProgressCallback)
