@@ -238,3 +238,13 @@ def test_fsdp_without_cuda(tmp_path, tiny_checkpoint, capsys):
 def test_fsdp_and_deepspeed_together(tmp_path, tiny_checkpoint, capsys):
     _bad(tmp_path, tiny_checkpoint, capsys, "give at most one of train.fsdp and train.deepspeed",
          train={"fsdp": {}, "deepspeed": {"zero_optimization": {"stage": 2}}})
+
+
+def test_slurm_ranks_that_do_not_divide_over_the_nodes(tmp_path, tiny_checkpoint, capsys):
+    _bad(tmp_path, tiny_checkpoint, capsys, "launch.processes_per_branch=2 does not divide over launch.slurm.nodes=3",
+         launch={"kind": "slurm", "slurm": {"nodes": 3, "cluster": "local"}})
+
+
+def test_deepspeed_value_that_is_neither_path_nor_mapping(tmp_path, tiny_checkpoint, capsys):
+    _bad(tmp_path, tiny_checkpoint, capsys, "'train.deepspeed': a DeepSpeed JSON file's path or an inline config",
+         train={"deepspeed": 7})

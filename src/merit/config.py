@@ -244,6 +244,13 @@ class TrainConfig(_Section):
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FSDP_KEYS))}")
         return v
 
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _deepspeed_path_or_dict(cls, v):
+        if v is not None and not isinstance(v, (str, dict)):
+            raise ValueError(f"a DeepSpeed JSON file's path or an inline config (a mapping), not {v!r}")
+        return v
+
     @field_validator("deepspeed")
     @classmethod
     def _usable_deepspeed_config(cls, v):

@@ -86,9 +86,20 @@ def check_processes(cfg: LaunchConfig) -> None:
         if count < n:
             raise ConfigError(f"launch.processes_per_branch={n}: launch.devices[{i}] = {entry!r} names {count} GPU(s); "
                               f"a branch of {n} processes needs {n} (e.g. \"{','.join(str(d) for d in range(n))}\")")
+    if cfg.kind == "slurm":
+        ranks_per_node(cfg)
     if 0 < cfg.gpus_per_branch < n:
         raise ConfigError(f"launch.processes_per_branch={n}: launch.gpus_per_branch={cfg.gpus_per_branch:g} gives "
                           f"fewer GPUs than processes; set gpus_per_branch to {n} (one per process) or 0 (CPU)")
+
+
+def ranks_per_node(cfg: LaunchConfig) -> int:
+    """Slurm tasks per node of a multi-process branch: its processes spread over ``launch.slurm.nodes``."""
+    nodes = int((cfg.slurm or {}).get("nodes", 1))
+    if cfg.processes_per_branch % nodes:
+        raise ConfigError(f"launch.processes_per_branch={cfg.processes_per_branch} does not divide over "
+                          f"launch.slurm.nodes={nodes}")
+    return cfg.processes_per_branch // nodes
 
 
 def rank_threads(cfg: LaunchConfig, default: int) -> int:

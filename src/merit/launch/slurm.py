@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from merit.errors import ConfigError
-from merit.launch.base import Monitor, Outcome, execute, one_line, outcome_of, require
+from merit.launch.base import Monitor, Outcome, execute, one_line, outcome_of, ranks_per_node, require
 from merit.registry import register
 
 if TYPE_CHECKING:
@@ -73,13 +73,9 @@ def parameters(cfg) -> tuple[str | None, Path | None, dict]:
     if cfg.workers:
         params["slurm_array_parallelism"] = cfg.workers
     if cfg.processes_per_branch > 1:  # one task per rank, spread over launch.slurm.nodes nodes
-        nodes = int(given.get("nodes", 1))
-        if cfg.processes_per_branch % nodes:
-            raise ConfigError(f"launch.processes_per_branch={cfg.processes_per_branch} does not divide over "
-                              f"launch.slurm.nodes={nodes}")
-        params["tasks_per_node"] = cfg.processes_per_branch // nodes
+        params["tasks_per_node"] = ranks_per_node(cfg)
         if cfg.gpus_per_branch:
-            params["gpus_per_node"] = int(cfg.gpus_per_branch) // nodes
+            params["gpus_per_node"] = int(cfg.gpus_per_branch) * params["tasks_per_node"] // cfg.processes_per_branch
     for key, value in given.items():
         if key == "time":
             params["timeout_min"] = minutes(value)
