@@ -359,7 +359,7 @@ def test_content_parts_with_text_model_fail_before_work(capsys, tmp_path, config
     row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
                         {"role": "assistant", "content": "black"}], "images": ["pic.png"]}
     write_jsonl(mix / "train" / "upper_rev.jsonl", [row] * 3)
-    bad_run(capsys, config(), tmp_path / "run", "upper_rev.jsonl example 1", "text-only model")
+    bad_run(capsys, config(), tmp_path / "run", "upper_rev.jsonl:1", "text-only model")
 
 
 @pytest.mark.parametrize("how, needle", [

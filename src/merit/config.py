@@ -80,6 +80,13 @@ class MixtureConfig(_Section):
     """VLM mixtures: which tokens make a source's budget n_t (and so the merge weights). ``all``: every
     token the model reads, image placeholder tokens included (the paper's "tokens"); ``text``: without
     image placeholders. Both counts are recorded in the mixture manifest either way."""
+    cache_dir: str | None = None
+    """Where sources are tokenized to (memory-mapped Arrow, one folder per file content × tokenizer ×
+    truncation; ``merit.data.tokens``): a folder shared by runs, so a source is tokenized once for all of
+    them. Default: the run folder's ``mixture/tokens``."""
+    num_proc: int | None = Field(None, ge=1)
+    """Processes that tokenize the mixture (default: one per core, up to 8, when there is more than a few
+    MB of text; 1: in the merit process)."""
 
     @model_validator(mode="after")
     def _one_input(self) -> MixtureConfig:

@@ -131,7 +131,7 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | 
         return None
     tokenizer = load_tokenizer(theta0)
     with timed("mixture"):
-        mixture, mixture_key = stage_mixture(cfg, out, sources, tokenizer, theta0_key)
+        mixture, mixture_key = stage_mixture(cfg, out, sources, tokenizer, theta0, theta0_key)
     if done("mixture"):
         return None
     with timed("grads"):
@@ -202,7 +202,7 @@ def stage_theta0(cfg: RunConfig, out: Path) -> tuple[Path, str, str]:
 def mixture_settings(cfg: RunConfig) -> dict:
     """The mixture section as stage keys see it. Settings added for VLMs are left out at their defaults,
     so text-only run folders made before them keep their keys (and are not recomputed)."""
-    settings = cfg.mixture.model_dump()
+    settings = cfg.mixture.model_dump(exclude={"cache_dir", "num_proc"})  # where and how, never what
     if settings.get("token_count") == "all":
         del settings["token_count"]
     if settings.get("builtin") and settings["builtin"].get("suite") == "text":
@@ -210,16 +210,18 @@ def mixture_settings(cfg: RunConfig) -> dict:
     return settings
 
 
-def stage_mixture(cfg, out, sources, tokenizer, theta0_key) -> tuple[dict, str]:
+def stage_mixture(cfg, out, sources, tokenizer, theta0, theta0_key) -> tuple[dict, str]:
     stage = out / "mixture"
     files = [(s.name, artifacts.file_sha256(s.train), artifacts.file_sha256(s.eval) if s.eval else None)
              for s in sources]
     key = artifacts.fingerprint("mixture", theta0_key, mixture_settings(cfg), files)
-    if not artifacts.is_done(stage, key):
-        log(f"mixture: tokenizing {len(sources)} sources")
-        manifest = mixture_stage.build(out, cfg.mixture, sources, tokenizer, key)
-    else:
-        manifest = artifacts.read_manifest(stage)
+    manifest = artifacts.read_manifest(stage) if artifacts.is_done(stage, key) else None
+    # A manifest from before the token cache (no tokens_dir) is rebuilt under the same key: same counts,
+    # so nothing downstream is redone.
+    if manifest is None or any("tokens_dir" not in e for e in manifest["sources"]):
+        log(f"mixture: tokenizing {len(sources)} sources (once: later stages read the token cache)")
+        manifest = mixture_stage.build(out, cfg.mixture, sources, tokenizer, key, tokenizer_path=theta0,
+                                       trust_remote_code=cfg.model.trust_remote_code)
     log(f"mixture: {len(manifest['sources'])} sources, {manifest['total_samples']} samples, "
         f"{manifest['total_tokens']} tokens")
     return manifest, key

@@ -38,12 +38,9 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
 
         validate_manual_groups(cfg.split.groups, names)
     parts_at = None  # the first example with images or content parts, for the text-only check
-    for s in sources:
-        train, ev = mixture_stage.read_source(s, cfg.mixture)
-        if parts_at is None:
-            from merit.data.vision import has_parts
-
-            parts_at = next((f"{s.train} example {i + 1}" for i, ex in enumerate(train) if has_parts(ex)), None)
+    for s in sources:  # every line validated, streamed (memory does not grow with the mixture)
+        found = mixture_stage.check_source(s, cfg.mixture)
+        parts_at = parts_at or found
     is_vlm = check_model(cfg, out, sources, parts_at)
     from merit.train import options
 
@@ -104,8 +101,7 @@ def check_model(cfg: RunConfig, out: Path, sources, parts_at: str | None) -> boo
     del model
     if tokenizer is not None:  # a preset not built yet: the mixture stage's truncation check, now
         for s in sources:
-            train, _ = mixture_stage.read_source(s, cfg.mixture)
-            if not mixture_stage.tokenize_examples(tokenizer, train, cfg.mixture.max_length, str(s.train))[0]:
+            if not mixture_stage.any_trainable(s, cfg.mixture, tokenizer):
                 raise DataError(mixture_stage.all_truncated_message(s.train))
     return is_vlm
 

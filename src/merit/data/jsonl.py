@@ -10,6 +10,7 @@ come back absolute.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from merit.errors import DataError
@@ -24,35 +25,55 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[dict]:
         DataError: missing file, a line that is not a JSON object, a malformed ``messages`` list,
             or an example with no assistant turn (nothing to train on) — naming ``file:line``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    examples = []
-    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named by its number
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                "re-encode the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            check_example(ex, where)
-            if "images" in ex or any(not isinstance(m["content"], str) for m in ex["messages"]):
-                from merit.data.vision import check_parts, resolve_images
-
-                resolve_images(ex, path, where, check_parts(ex["messages"], where))
-            examples.append(ex)
-            if limit is not None and len(examples) >= limit:
-                break
+    examples = [ex for _, ex in iter_examples(path, limit)]
     if not examples:
         raise DataError(f"{path}: no examples (expected one JSON object per line)")
     return examples
+
+
+def iter_examples(path: str | Path, limit: int | None = None, *, start: int = 0, end: int | None = None,
+                  first_line: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, validated example) for each non-blank line, streamed: one line in memory at a time.
+
+    ``start`` / ``end`` restrict the reading to a byte range that begins at a line start (``first_line``
+    is that line's number, so errors still name the file's own line), as the token cache's shards do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    count = 0
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named by its number
+        f.seek(start)
+        pos = start
+        for lineno, raw in enumerate(f, first_line):
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
+            if not raw.strip():
+                continue
+            yield lineno, parse_line(raw, path, f"{path}:{lineno}")
+            count += 1
+            if limit is not None and count >= limit:
+                break
+
+
+def parse_line(raw: bytes, path: Path, where: str) -> dict:
+    """One JSONL line as a validated example (image paths made absolute)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8") from None
+    try:
+        ex = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    check_example(ex, where)
+    if "images" in ex or any(not isinstance(m["content"], str) for m in ex["messages"]):
+        from merit.data.vision import check_parts, resolve_images
+
+        resolve_images(ex, path, where, check_parts(ex["messages"], where))
+    return ex
 
 
 def count_examples(path: str | Path, limit: int | None = None) -> int:

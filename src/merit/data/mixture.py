@@ -5,6 +5,9 @@ its training examples after truncation; ``loss_tokens`` counts the assistant tok
 vision-language θ(0) examples are tokenized through its processor (``merit.data.vision``) and each source
 also records ``text_tokens``, ``image_tokens`` (image placeholders) and ``images``; n_t follows
 ``mixture.token_count`` (``all``: placeholders included, the paper's tokens; ``text``: without them).
+
+Each source is tokenized once, into the token cache (``merit.data.tokens``: memory-mapped Arrow shards),
+and the counts come from it; every later stage reads its tokens from there.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 from merit import artifacts
 from merit.config import MixtureConfig
 from merit.data.chat import Tokenized, TemplateError, tokenize_conversation
-from merit.data.jsonl import read_examples, write_examples
+from merit.data import tokens
+from merit.data.jsonl import count_examples, iter_examples, read_examples, write_examples
 from merit.errors import ConfigError, DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -90,31 +94,57 @@ def _checked(sources: list[Source]) -> list[Source]:
     return sources
 
 
-def read_source(source: Source, cfg: MixtureConfig) -> tuple[list[dict], list[dict]]:
-    """Validated train and eval examples of one source, capped (first N lines; files are expected shuffled)."""
-    train = read_examples(source.train, cfg.max_train_per_source)
-    ev = read_examples(source.eval, cfg.max_eval_per_source) if source.eval else []
-    return train, ev
+def check_source(source: Source, cfg: MixtureConfig) -> str | None:
+    """Validate every line of a source's train and eval files (the read caps applied), streamed: one
+    line in memory at a time whatever the file's size. Returns ``file:line`` of the first example with
+    images or content parts (None: text only), for the check against a text-only θ(0)."""
+    from merit.data.vision import has_parts
+
+    parts_at = None
+    for path, limit in ((source.train, cfg.max_train_per_source), (source.eval, cfg.max_eval_per_source)):
+        if path is None:
+            continue
+        count = 0
+        for lineno, ex in iter_examples(path, limit):
+            count += 1
+            if parts_at is None and has_parts(ex):
+                parts_at = f"{path}:{lineno}"
+        if not count:
+            raise DataError(f"{path}: no examples (expected one JSON object per line)")
+    return parts_at
+
+
+def any_trainable(source: Source, cfg: MixtureConfig, tokenizer) -> bool:
+    """Whether at least one training example keeps assistant tokens after truncation (stops at the first)."""
+    for lineno, ex in iter_examples(source.train, cfg.max_train_per_source):
+        if tokenize_example(tokenizer, ex, cfg.max_length, f"{source.train}:{lineno}").loss_tokens:
+            return True
+    return False
+
+
+def tokenize_example(tokenizer, ex: dict, max_length: int, where: str) -> Tokenized:
+    """One validated example's ids and assistant-only labels (through a VLM's processor when θ(0) has one)."""
+    from merit.data.vision import has_parts, tokenize_vision_conversation  # torch: imported when tokenizing
+
+    processor = getattr(tokenizer, "processor", None)  # a VLM's processor (merit.models.vlm.ProcessorTokenizer)
+    try:
+        if processor is not None:
+            return tokenize_vision_conversation(processor, ex["messages"], ex.get("images", []), max_length)
+        if has_parts(ex):
+            raise DataError(f"{where}: has images or content parts, but θ(0) is a text-only model; use a "
+                            "vision-language checkpoint")
+        return tokenize_conversation(tokenizer, ex["messages"], max_length)
+    except TemplateError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def tokenize_examples(tokenizer, examples: list[dict], max_length: int, where: str) -> tuple[list[Tokenized], int, int]:
-    """Tokenized examples plus (truncated count, skipped count). An example whose assistant tokens are all
-    cut away by truncation is skipped: it would train on nothing."""
-    from merit.data.vision import has_parts, tokenize_vision_conversation  # torch: imported when tokenizing
-
+    """Tokenized examples plus (truncated count, skipped count), in memory (small samples: the plan, the
+    built-in warm-up mixtures). An example whose assistant tokens are all cut away by truncation is
+    skipped: it would train on nothing. The mixture's sources go through the token cache instead."""
     out, truncated, skipped = [], 0, 0
-    processor = getattr(tokenizer, "processor", None)  # a VLM's processor (merit.models.vlm.ProcessorTokenizer)
     for i, ex in enumerate(examples):
-        try:
-            if processor is not None:
-                t = tokenize_vision_conversation(processor, ex["messages"], ex.get("images", []), max_length)
-            elif has_parts(ex):
-                raise DataError(f"{where} example {i + 1}: has images or content parts, but θ(0) is a text-only "
-                                "model; use a vision-language checkpoint")
-            else:
-                t = tokenize_conversation(tokenizer, ex["messages"], max_length)
-        except TemplateError as e:
-            raise DataError(f"{where} example {i + 1}: {e}") from None
+        t = tokenize_example(tokenizer, ex, max_length, f"{where} example {i + 1}")
         if t.loss_tokens == 0:
             skipped += 1
             continue
@@ -127,33 +157,54 @@ def all_truncated_message(path: Path) -> str:
     return f"{path}: every example lost its assistant tokens to truncation; raise mixture.max_length"
 
 
-def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, key: str) -> dict:
-    """Run the mixture stage: count s_t and n_t per source and write the manifest last."""
+def token_requests(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer,
+                   hashes: dict[str, str]) -> list[tokens.TokenRequest]:
+    """Where each source's tokens are cached: ``mixture.cache_dir`` (shared between runs), else the run
+    folder's ``mixture/tokens``; one folder per (file content, tokenizer, truncation)."""
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir) / "mixture" / "tokens"
+    identity = tokens.tokenizer_identity(tokenizer)
+    return [tokens.request(s.name, s.train, root.absolute(), identity, hashes[s.name], cfg.max_length,
+                           cfg.max_train_per_source) for s in sources]
+
+
+def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, key: str,
+          tokenizer_path: Path | None = None, trust_remote_code: bool = False) -> dict:
+    """Run the mixture stage: tokenize every source into the token cache (once; see
+    ``merit.data.tokens``), count s_t and n_t per source from it, and write the manifest last."""
     stage = Path(run_dir) / "mixture"
+    hashes = {s.name: artifacts.file_sha256(s.train) for s in sources}
+    requests = token_requests(run_dir, cfg, sources, tokenizer, hashes)
+    # Worker processes load the tokenizer from θ(0)'s folder (``tokenizer_path``) themselves.
+    tokens.build(requests, tokenizer, num_proc=cfg.num_proc, tokenizer_path=tokenizer_path,
+                 trust_remote_code=trust_remote_code)
+    vision = getattr(tokenizer, "processor", None) is not None
     entries = []
-    for s in sources:
-        train, ev = read_source(s, cfg)
-        toks, truncated, skipped = tokenize_examples(tokenizer, train, cfg.max_length, str(s.train))
-        if not toks:
+    for s, req in zip(sources, requests):
+        index = tokens.read_index(req)
+        if index is None:
+            raise RuntimeError(f"{req.folder}: token cache incomplete right after tokenizing")
+        if not index["rows"]:
             raise DataError(all_truncated_message(s.train))
         entries.append(
             {
                 "name": s.name,
                 "train": str(s.train),
                 "eval": str(s.eval) if s.eval else None,
-                "train_sha256": artifacts.file_sha256(s.train),
+                "train_sha256": hashes[s.name],
                 "eval_sha256": artifacts.file_sha256(s.eval) if s.eval else None,
-                "samples": len(toks),
-                "tokens": sum(len(t.input_ids) for t in toks),
-                "loss_tokens": sum(t.loss_tokens for t in toks),
-                "truncated": truncated,
-                "skipped": skipped,
-                "eval_samples": len(ev),
+                "samples": index["rows"],
+                "tokens": index["tokens"],
+                "loss_tokens": index["loss_tokens"],
+                "truncated": index["truncated"],
+                "skipped": index["skipped"],
+                "eval_samples": count_examples(s.eval, cfg.max_eval_per_source) if s.eval else 0,
+                "tokens_dir": str(req.folder),
+                "tokens_key": req.key,
             }
         )
-        if getattr(tokenizer, "processor", None) is not None:
-            entries[-1].update(vision_token_counts(toks, cfg.token_count))
-    extra = {"token_count": cfg.token_count} if getattr(tokenizer, "processor", None) is not None else {}
+        if vision:
+            entries[-1].update(vision_token_counts(index, cfg.token_count))
+    extra = {"token_count": cfg.token_count} if vision else {}
     return artifacts.write_manifest(
         stage,
         key,
@@ -165,22 +216,22 @@ def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, k
     )
 
 
-def vision_token_counts(toks: list[Tokenized], token_count: str) -> dict:
-    """A VLM source's text and image-placeholder token counts, and its token budget n_t by
-    ``mixture.token_count``: ``all`` (every token the model reads, image placeholders included — the
-    paper's "tokens") or ``text`` (image placeholders left out)."""
-    image = sum(getattr(t, "image_tokens", 0) for t in toks)
-    total = sum(len(t.input_ids) for t in toks)
-    return {"text_tokens": total - image, "image_tokens": image,
-            "images": sum(len(getattr(t, "images", ())) for t in toks),
+def vision_token_counts(counts: dict, token_count: str) -> dict:
+    """A VLM source's text and image-placeholder token counts (from its token cache index), and its token
+    budget n_t by ``mixture.token_count``: ``all`` (every token the model reads, image placeholders
+    included — the paper's "tokens") or ``text`` (image placeholders left out)."""
+    image, total = counts["image_tokens"], counts["tokens"]
+    return {"text_tokens": total - image, "image_tokens": image, "images": counts["images"],
             "tokens": total if token_count == "all" else total - image}
 
 
-def load_train(manifest: dict, names: list[str], tokenizer, cfg: MixtureConfig) -> list[Tokenized]:
-    """Tokenized training examples of the named sources, in manifest order (what a branch trains on)."""
-    out = []
+def load_train(manifest: dict, names: list[str], tokenizer, cfg: MixtureConfig) -> tokens.TokenTable:
+    """The named sources' tokenized training examples, in manifest order, memory-mapped from the token
+    cache (what a branch trains on; a cache removed or damaged since the mixture stage is rebuilt)."""
+    tables = []
     for e in manifest["sources"]:
         if e["name"] in names:
-            ex = read_examples(e["train"], cfg.max_train_per_source)
-            out += tokenize_examples(tokenizer, ex, cfg.max_length, e["train"])[0]
-    return out
+            req = tokens.TokenRequest(e["name"], Path(e["train"]), Path(e["tokens_dir"]), e["tokens_key"],
+                                      cfg.max_length, cfg.max_train_per_source)
+            tables.append(tokens.load(req, tokenizer))
+    return tokens.TokenTable.concat(tables)

@@ -246,7 +246,7 @@ class VisionDataset:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Tokenized:
-        return self.examples[i]
+        return self.examples[int(i)]
 
 
 class VisionCollator:

@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from merit.config import TrainConfig
 from merit.data.chat import IGNORE, Tokenized
+from merit.data.tokens import lengths_of
 from merit.data.vision import VisionDataset, collator_for
 from merit.errors import MeritError
 from merit.train.health import StopOnStall
@@ -99,14 +100,14 @@ def last_checkpoint(work_dir: Path) -> Path | None:
 
 
 class _Examples(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Tokenized]):
-        self.examples = examples
+    def __init__(self, examples: Sequence[Tokenized]):
+        self.examples = examples  # a list, or a memory-mapped TokenTable (rows decoded on access)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        t = self.examples[i]
+        t = self.examples[int(i)]
         return {"input_ids": t.input_ids, "attention_mask": [1] * len(t.input_ids), "labels": t.labels}
 
 
@@ -163,7 +164,7 @@ def set_precision(model, precision: str) -> None:
                 p.data = p.data.float()
 
 
-def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: int, *, precision: str = "fp32",
+def train(model, tokenizer, examples: Sequence[Tokenized], cfg: TrainConfig, seed: int, *, precision: str = "fp32",
           desc: str = "train", work_dir: Path | None = None, save_steps: int | None = None, progress: bool = True,
           report: Callable[[dict], None] | None = None, state_out: dict | None = None) -> dict:
     """Train ``model`` in place on ``examples`` for ``cfg.epochs`` and return what a manifest records.
@@ -203,7 +204,7 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
             args=args,
             train_dataset=_Examples(examples) if vision is None else VisionDataset(examples),
             data_collator=vision or text_collator(tokenizer, cfg.packing),
-            lengths=[len(t.input_ids) for t in examples] if cfg.group_by_length else None,
+            lengths=lengths_of(examples) if cfg.group_by_length else None,
         )
         # Our own console output: a plain progress bar (or none), never the per-step log dicts.
         trainer.remove_callback(ProgressCallback)
@@ -233,7 +234,7 @@ def train(model, tokenizer, examples: list[Tokenized], cfg: TrainConfig, seed: i
         "precision": precision,
         "processes": processes,
         "distributed": distributed,  # accelerate's DistributedType: NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
-        "tokens_seen": int(sum(len(t.input_ids) for t in examples) * cfg.epochs),
+        "tokens_seen": int(sum(lengths_of(examples)) * cfg.epochs),
         "steps": int(out.global_step),
         "train_loss": float(out.training_loss),
         "seconds": round(time.time() - start, 2),
