@@ -85,9 +85,10 @@ class Shard:
         return f"shard-{self.index:05d}-of-{self.count:05d}"
 
 
-def plan_shards(path: Path, limit: int | None, shard_bytes: int = SHARD_BYTES) -> list[Shard]:
-    """Byte ranges of ``path`` of about ``shard_bytes`` each, cut at line starts (and after the
-    ``limit``-th non-blank line when a limit is given)."""
+def plan_shards(path: Path, limit: int | None, shard_bytes: int | None = None) -> list[Shard]:
+    """Byte ranges of ``path`` of about ``shard_bytes`` (default ``SHARD_BYTES``) each, cut at line
+    starts (and after the ``limit``-th non-blank line when a limit is given)."""
+    shard_bytes = shard_bytes or SHARD_BYTES
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if limit is not None:  # the byte offset just after the limit-th example
