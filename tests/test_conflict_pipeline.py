@@ -54,3 +54,47 @@ def test_adding_sources_reuses_stored_gradients_and_a_new_setting_recomputes(tmp
                  "--set", "grads.sketch_dim=512"]) == 0
     manifest = json.loads((grads / "manifest.json").read_text())
     assert sorted(manifest["computed"]) == sorted(names) and manifest["dim"] == 512
+
+
+def _grads_run(tmp_path, tiny_checkpoint, mix, name: str, **grads) -> tuple:
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_checkpoint)},
+        "mixture": {"dir": str(mix), "max_length": 48},
+        "grads": {"calibration_size": 6, "batch_size": 3, "sketch_dim": 1024, **grads},
+        "split": {"r": 1},
+        # one torch thread in every process, so the float sums run in one order everywhere
+        "launch": {"threads": 1, "cpus_per_branch": 1},
+    }))
+    out = tmp_path / name
+    assert main(["run", str(cfg), "--out", str(out), "--until", "grads"]) == 0
+    return out / "grads", json.loads((out / "grads" / "manifest.json").read_text())
+
+
+def test_gradient_workers_store_bitwise_the_vectors_of_one_process(tmp_path, tiny_checkpoint):
+    from safetensors.numpy import load_file
+
+    names = list(FAMILIES)
+    mix = make_mixture_dir(tmp_path / "mix", n_train=12, n_eval=2)
+    one, m1 = _grads_run(tmp_path, tiny_checkpoint, mix, "one")
+    two, m2 = _grads_run(tmp_path, tiny_checkpoint, mix, "two", workers=2)
+    assert sorted(m2["computed"]) == sorted(names)  # every source computed, by the two worker processes
+    logs = sorted(p.name for p in (two / ".workers").glob("*.log"))
+    assert logs == ["0.log", "1.log"]
+    for n in names:
+        a, b = load_file(str(one / f"{n}.safetensors"))["g"], load_file(str(two / f"{n}.safetensors"))["g"]
+        assert a.tobytes() == b.tobytes(), n
+    assert [e["key"] for e in m1["sources"]] == [e["key"] for e in m2["sources"]]
+
+
+def test_bf16_gradients_are_close_to_fp32_and_keyed_apart(tmp_path, tiny_checkpoint):
+    from safetensors.numpy import load_file
+
+    mix = make_mixture_dir(tmp_path / "mix", n_train=12, n_eval=2)
+    fp32, m32 = _grads_run(tmp_path, tiny_checkpoint, mix, "fp32")
+    bf16, m16 = _grads_run(tmp_path, tiny_checkpoint, mix, "bf16", precision="bf16")
+    assert all(a["key"] != b["key"] for a, b in zip(m32["sources"], m16["sources"]))
+    for n in FAMILIES:
+        a, b = load_file(str(fp32 / f"{n}.safetensors"))["g"], load_file(str(bf16 / f"{n}.safetensors"))["g"]
+        assert a.tobytes() != b.tobytes()  # bf16 matmuls did run
+        assert float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99

@@ -128,6 +128,16 @@ class GradsConfig(_Section):
     more compute for the memory of one layer. With ``batch_size: 1`` estimation then needs about model +
     gradients (1.09× on SmolLM2-135M, benchmarks/conflict_results.md). A memory setting only: it does
     not change stored gradients' keys."""
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """Arithmetic of the forward/backward passes; gradients always accumulate in fp32. ``fp32`` (the
+    default, bitwise reproducible on CPU), ``tf32`` (CUDA Ampere or newer: fp32 matmuls on TF32 tensor
+    cores), ``bf16`` (autocast: bf16 matmuls, fp32 weights and gradient buffers). Part of the stored
+    gradients' key; its fidelity against fp32 is measured in benchmarks/scale_results.md."""
+    workers: int = Field(1, ge=1)
+    """Processes that share the sources' gradients (each loads θ(0) once and stores the vectors of its
+    share), run by ``launch.kind`` like branches: local worker processes (one per ``launch.devices``
+    entry / GPU), Ray tasks or Slurm jobs. 1: in the merit process. Vectors are the same either way
+    (bitwise on CPU with the same threads per process)."""
 
 
 class SplitConfig(_Section):

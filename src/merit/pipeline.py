@@ -23,7 +23,7 @@ from merit import artifacts, registry
 from merit.config import RunConfig, dump_config
 from merit.data import mixture as mixture_stage
 from merit.errors import ConfigError, notice, warn
-from merit.models.loading import check_checkpoint, checkpoint_hash, load_for_training, load_model, load_tokenizer
+from merit.models.loading import check_checkpoint, checkpoint_hash, load_tokenizer
 from merit.preflight import preflight
 from merit.split.partition import SplitInputs, token_weights
 
@@ -230,7 +230,7 @@ def stage_mixture(cfg, out, sources, tokenizer, theta0, theta0_key) -> tuple[dic
 def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
     from merit.conflict import store
     from merit.conflict.compress import CompressionSpec
-    from merit.conflict.estimate import default_device, estimate
+    from merit.conflict.estimate import default_device
     from merit.split.partition import validate_manual_groups
 
     stage = out / "grads"
@@ -246,7 +246,8 @@ def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
         artifacts.fingerprint(tokenizer.chat_template, tokenizer.get_vocab()),
         cfg.model.model_dump(exclude=set(HOW_ONLY["model"])),
         cfg.train.lora.model_dump() if cfg.train.lora else None, cfg.mixture.max_length,
-        cfg.mixture.max_train_per_source, cfg.grads.calibration_size, cfg.grads.batch_size, spec.settings(), cfg.seed)
+        cfg.mixture.max_train_per_source, cfg.grads.calibration_size, cfg.grads.batch_size, spec.settings(), cfg.seed,
+        *([cfg.grads.precision] if cfg.grads.precision != "fp32" else []))  # only when set: stores keep their keys
     keys = {e["name"]: artifacts.fingerprint(common, e["name"], e["train_sha256"]) for e in mixture["sources"]}
     key = artifacts.fingerprint("grads", [keys[n] for n in names])
     if artifacts.is_done(stage, key):
@@ -256,24 +257,48 @@ def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
     todo = store.pending(stage, keys)
     stats = {}
     if todo:
-        examples = {n: mixture_stage.load_train(mixture, [n], tokenizer, cfg.mixture) for n in todo}
-        model = load_for_training(theta0, cfg.model, cfg.train.lora, cfg.seed)
-        device = default_device()
-        log(f"grads: mean gradients of {len(todo)} of {len(names)} sources at θ(0) on {device} "
-            f"(≤{cfg.grads.calibration_size} examples each, compression {cfg.grads.compression})")
-        stats = estimate(model, tokenizer, examples, stage, keys=keys, spec=spec,
-                         calibration_size=cfg.grads.calibration_size, batch_size=cfg.grads.batch_size,
-                         seed=cfg.seed, device=device, checkpointing=cfg.grads.gradient_checkpointing)
-        del model
+        jobs = gradient_jobs(cfg, stage, theta0, todo, keys, mixture, spec)
+        log(f"grads: mean gradients of {len(todo)} of {len(names)} sources at θ(0) on {default_device()} "
+            f"(≤{cfg.grads.calibration_size} examples each, compression {cfg.grads.compression}, "
+            f"{cfg.grads.precision}{f', {len(jobs)} workers' if len(jobs) > 1 else ''})")
+        started = time.time()
+        if len(jobs) == 1:  # in this process, with its progress bar
+            from merit.conflict.job import compute
+
+            stats = compute(jobs[0])
+        else:
+            from merit.launch.base import BranchFailed, launch
+
+            bad = launch(jobs, cfg.launch.model_copy(update={"workers": len(jobs), "processes_per_branch": 1}))
+            if bad:
+                raise BranchFailed(bad)
+            for job in jobs:
+                stats.update(artifacts.read_manifest(job.out)["computed"])
         grad_s = sum(s["gradient_s"] for s in stats.values())
         comp_s = sum(s["compress_s"] for s in stats.values())
         if stats and grad_s > 0:
-            log(f"grads: {sum(s['tokens'] for s in stats.values()) / grad_s:.0f} calibration tokens/s; "
+            wall = time.time() - started
+            log(f"grads: {sum(s['tokens'] for s in stats.values()) / grad_s:.0f} calibration tokens/s per worker, "
+                f"{sum(s['tokens'] for s in stats.values()) / wall:.0f} in all; "
                 f"compression took {comp_s / (grad_s + comp_s):.1%} of the time")
     else:
         log(f"grads: all {len(names)} sources' gradients are stored; updating the conflict matrix")
     store.write_store_manifest(stage, key, names, keys, spec.settings(), computed=stats)
     return key
+
+
+def gradient_jobs(cfg, stage: Path, theta0: Path, todo: list[str], keys: dict[str, str], mixture: dict, spec):
+    """The sources still to compute, dealt over ``grads.workers`` jobs (one job: computed in this process)."""
+    from merit.conflict.job import GradJob, share
+
+    mixture = {**mixture, "sources": [{**e, "train": str(Path(e["train"]).absolute())} for e in mixture["sources"]]}
+    shares = share(todo, cfg.grads.workers)
+    return [GradJob(name=f"gradients {i + 1}/{len(shares)}", out=(stage / ".workers" / str(i)).absolute(),
+                    store=stage.absolute(), theta0=Path(theta0).absolute(), sources=part,
+                    keys={n: keys[n] for n in part}, mixture=mixture, mixture_cfg=cfg.mixture, model_cfg=cfg.model,
+                    lora_cfg=cfg.train.lora, grads_cfg=cfg.grads, spec=spec, seed=cfg.seed,
+                    key=artifacts.fingerprint("grad-job", [keys[n] for n in part]))
+            for i, part in enumerate(shares)]
 
 
 def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:

@@ -50,6 +50,11 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
     from merit.launch.base import check_processes
 
     check_processes(cfg.launch)
+    if cfg.grads.precision == "tf32" and cfg.launch.kind == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("grads.precision: tf32 needs a CUDA GPU (Ampere or newer); use fp32 or bf16")
     options.explain_precision(cfg.train, cfg.model)
     if reaches_eval:
         check_eval_splits(sources)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,8 +29,9 @@ from merit.errors import ConfigError
 from merit.models.loading import trainable_parameters
 
 
-def calibration_sample(examples: list, size: int, seed: int, name: str) -> list:
-    """A seeded random subset of ``size`` examples (all of them when the source is smaller)."""
+def calibration_sample(examples: Sequence, size: int, seed: int, name: str) -> list:
+    """A seeded random subset of ``size`` examples (all of them when the source is smaller); only those
+    rows are read."""
     if len(examples) <= size:
         return list(examples)
     idx = sorted(random.Random(f"{seed}:calibration:{name}").sample(range(len(examples)), size))
@@ -143,9 +144,11 @@ class _HeadGradInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits: torch.Tensor):
         hidden, weight = ctx.saved_tensors
-        weight.grad.addmm_(grad_logits.reshape(-1, grad_logits.shape[-1]).T,
-                           hidden.reshape(-1, hidden.shape[-1]).to(grad_logits.dtype))
-        return grad_logits @ weight, None
+        # Under bf16 autocast the logits (and their gradient) are bf16 while W.grad is fp32: the
+        # product is formed in W.grad's dtype, so the accumulation stays fp32.
+        g = grad_logits.reshape(-1, grad_logits.shape[-1]).to(weight.grad.dtype)
+        weight.grad.addmm_(g.T, hidden.reshape(-1, hidden.shape[-1]).to(weight.grad.dtype))
+        return (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype), None
 
 
 @contextmanager
@@ -174,14 +177,35 @@ def lean_vocabulary_gradients(model) -> Iterator[None]:
             fn()
 
 
+@contextmanager
+def arithmetic(precision: str, device: torch.device) -> Iterator[None]:
+    """The forward/backward arithmetic of ``grads.precision``; weights and ``.grad`` buffers stay fp32.
+
+    ``fp32``: as is (TF32 off). ``tf32``: CUDA matmuls and convolutions on TF32 tensor cores. ``bf16``:
+    autocast to bf16 (CPU or CUDA), so matmuls run in bf16 and every gradient is still added into fp32.
+    """
+    if precision == "tf32" and device.type != "cuda":
+        raise ConfigError("grads.precision: tf32 needs a CUDA GPU (Ampere or newer); use fp32 or bf16")
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int,
                   collate: Callable[[list[Tokenized]], dict[str, torch.Tensor]] | None = None,
-                  checkpointing: bool = False) -> list[tuple[str, torch.Tensor]]:
+                  checkpointing: bool = False, precision: str = "fp32") -> list[tuple[str, torch.Tensor]]:
     """The gradient of the token-mean loss over ``examples``, per trainable parameter (fp32, on the model's device).
 
     Each micro-batch adds (its summed loss / all label tokens) to the ``.grad`` buffers, so the result is
     the mean over every label token of the sample whatever the batch size. ``checkpointing``: see
-    ``layer_checkpointing`` (less memory, about a third more compute).
+    ``layer_checkpointing`` (less memory, about a third more compute). ``precision``: see ``arithmetic``.
     """
     params = trainable_parameters(model)
     device = params[0][1].device
@@ -191,7 +215,7 @@ def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int
     for _, p in params:  # allocated up front: every micro-batch accumulates in place
         p.grad = torch.zeros_like(p)
     model.eval()  # no dropout: the gradient of the model as it stands
-    with layer_checkpointing(model, checkpointing), lean_vocabulary_gradients(model):
+    with layer_checkpointing(model, checkpointing), lean_vocabulary_gradients(model), arithmetic(precision, device):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             batch = {k: v.to(device) for k, v in (collate(chunk) if collate else pad_batch(chunk, pad_id)).items()}
@@ -202,13 +226,16 @@ def mean_gradient(model, examples: list[Tokenized], batch_size: int, pad_id: int
     return grads
 
 
-def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *, keys: dict[str, str],
+def estimate(model, tokenizer, sources: dict[str, Sequence[Tokenized]], out: Path, *, keys: dict[str, str],
              spec: CompressionSpec, calibration_size: int, batch_size: int, seed: int,
-             device: str | torch.device | None = None, checkpointing: bool = False) -> dict[str, dict]:
+             device: str | torch.device | None = None, checkpointing: bool = False, precision: str = "fp32",
+             report: Callable[[int, int], None] | None = None, progress: bool = True) -> dict[str, dict]:
     """Compute, compress and store the mean gradient of each source in ``sources``.
 
     A source whose stored vector already carries its key (``keys[name]``) is skipped: that is how an
-    interrupted run resumes. Each vector is written as soon as it is done.
+    interrupted run resumes. Each vector is written as soon as it is done. Only each source's
+    calibration rows are read (``sources`` may be memory-mapped token tables). ``report(done, total)``
+    is called after each source.
 
     Returns:
         For each source computed here: calibration examples and tokens, and seconds spent on the
@@ -222,22 +249,23 @@ def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *
         return stats
     device = torch.device(device) if device is not None else default_device()
     model.to(device=device, dtype=torch.float32)  # fp32 accumulation
-    cache = {} if device.type == "cuda" else None  # count-sketch buckets stay on the GPU between sources
     collate = collator_for(tokenizer)  # a VLM's batches carry pixels (None: text, pad_batch)
-    for name in tqdm(todo, desc="gradients", unit="source", disable=None):
+    for done, name in enumerate(tqdm(todo, desc="gradients", unit="source", disable=None if progress else True)):
         calib = calibration_sample(sources[name], calibration_size, seed, name)
         t0 = time.perf_counter()
-        grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id, collate, checkpointing)
+        grads = mean_gradient(model, calib, batch_size, tokenizer.pad_token_id, collate, checkpointing, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        vec = compress(grads, spec, cache=cache).cpu()
+        vec = compress(grads, spec).cpu()
         t2 = time.perf_counter()
         del grads
         tokens = sum(len(t.input_ids) for t in calib)
         store.save_vector(out, name, vec, keys[name], calibration=len(calib), tokens=tokens, norm=float(vec.norm()))
         stats[name] = {"calibration": len(calib), "tokens": tokens, "gradient_s": round(t1 - t0, 3),
                        "compress_s": round(t2 - t1, 3)}
+        if report is not None:
+            report(done + 1, len(todo))
     return stats
 
 

@@ -20,7 +20,7 @@ from merit import artifacts
 from merit.config import MixtureConfig
 from merit.data.chat import Tokenized, TemplateError, tokenize_conversation
 from merit.data import tokens
-from merit.data.jsonl import count_examples, iter_examples, read_examples, write_examples
+from merit.data.jsonl import count_examples, iter_examples, write_examples
 from merit.errors import ConfigError, DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -119,14 +119,13 @@ def cpus_per_branch(cfg: LaunchConfig, default: int | None = None) -> int:
 
 def execute(job: BranchJob, threads: int | None = None, launcher: str | None = None,
             progress: bool = False) -> tuple[bool, str | None]:
-    """Run one job where this function is called (a worker process, a Ray task, a Slurm task).
+    """Run one job where this function is called (a worker process, a Ray task, a Slurm task): a
+    branch job, or a share of the gradient stage (``merit.conflict.job.GradJob``), both with ``run``.
 
     Returns (ok, one-line error) instead of raising, so a launcher can collect every failure; the
     traceback is in the job's log file.
     """
     import torch
-
-    from merit.train.branch import run_branch
 
     if threads:
         torch.set_num_threads(threads)
@@ -135,7 +134,7 @@ def execute(job: BranchJob, threads: int | None = None, launcher: str | None = N
 
         hf_logging.disable_progress_bar()
     try:
-        run_branch(job, progress=progress, launcher=launcher)
+        job.run(progress=progress, launcher=launcher)  # a branch (merit.train.branch) or gradient job
         return True, None
     except Exception as e:  # noqa: BLE001 - reported, with its traceback in the log
         return False, one_line(e)

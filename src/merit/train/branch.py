@@ -50,6 +50,9 @@ class BranchJob:
 
         return log_path(self.out)
 
+    def run(self, *, progress: bool = False, launcher: str | None = None) -> dict:
+        return run_branch(self, progress=progress, launcher=launcher)
+
     @property
     def work(self) -> Path:
         """Scratch folder for Trainer checkpoints, stable across attempts: ``branches/.<k>.work``."""
