@@ -267,9 +267,10 @@ def stage_grads(cfg, out, mixture, tokenizer, theta0, mixture_key) -> str:
 
             stats = compute(jobs[0])
         else:
+            from merit.conflict.job import launch_config
             from merit.launch.base import BranchFailed, launch
 
-            bad = launch(jobs, cfg.launch.model_copy(update={"workers": len(jobs), "processes_per_branch": 1}))
+            bad = launch(jobs, launch_config(cfg.launch, len(jobs)))
             if bad:
                 raise BranchFailed(bad)
             for job in jobs:

@@ -90,3 +90,14 @@ def share(names: list[str], workers: int) -> list[tuple[str, ...]]:
     """``names`` dealt round robin into at most ``workers`` non-empty shares."""
     workers = max(1, min(workers, len(names)))
     return [tuple(names[i::workers]) for i in range(workers)]
+
+
+def launch_config(launch, workers: int):
+    """The launch settings for ``workers`` gradient jobs: one process each (no torchrun) and one GPU each
+    where branches get several (``launch.devices`` entries split into single GPUs, ``gpus_per_branch``
+    capped at 1), so an 8-GPU node runs 8 gradient workers where it runs one 8-rank branch."""
+    devices = None
+    if launch.devices:
+        devices = [d.strip() for entry in launch.devices for d in str(entry).split(",") if d.strip()]
+    return launch.model_copy(update={"workers": workers, "processes_per_branch": 1, "devices": devices,
+                                     "gpus_per_branch": min(1.0, launch.gpus_per_branch)})

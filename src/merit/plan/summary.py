@@ -246,10 +246,12 @@ def _estimates(plan: Plan, cfg: RunConfig) -> None:
         plan.stages.append(("all", None, None, f"θ(0) of preset {cfg.model.preset!r} is unknown until it is built"))
         return
     calib = sum(min(cfg.grads.calibration_size, s.samples) for s in plan.sources) * per_example
-    plan.stages.append(("grads", est.seconds(calib * (2 * m.params + 4 * m.trainable), hw, 1, half=False),
+    workers = min(cfg.grads.workers, len(plan.sources))
+    grads_half = cfg.grads.precision != "fp32" and (hw.bf16 or cfg.grads.precision == "tf32")
+    plan.stages.append(("grads", est.seconds(calib * (2 * m.params + 4 * m.trainable), hw, workers, half=grads_half),
                         est.gradient_memory(m, micro_batch=cfg.grads.batch_size, seq_len=cfg.mixture.max_length,
                                             checkpointing=cfg.grads.gradient_checkpointing),
-                        "one process, one device, fp32"))
+                        f"{workers} worker(s), one device each, {cfg.grads.precision}"))
     mem = est.train_memory(m, precision=plan.precision, sharding=_sharding(cfg), gpus=cfg.launch.processes_per_branch,
                            micro_batch=cfg.train.batch_size, seq_len=cfg.mixture.max_length, checkpointing=ckpt)
     branch_s = est.seconds(est.train_flops(m, tokens / k * cfg.train.epochs, ckpt), hw, plan.devices_per_branch, half)
