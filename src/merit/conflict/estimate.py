@@ -222,7 +222,6 @@ def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *
         return stats
     device = torch.device(device) if device is not None else default_device()
     model.to(device=device, dtype=torch.float32)  # fp32 accumulation
-    cache = {} if device.type == "cuda" else None  # count-sketch buckets stay on the GPU between sources
     collate = collator_for(tokenizer)  # a VLM's batches carry pixels (None: text, pad_batch)
     for name in tqdm(todo, desc="gradients", unit="source", disable=None):
         calib = calibration_sample(sources[name], calibration_size, seed, name)
@@ -231,7 +230,7 @@ def estimate(model, tokenizer, sources: dict[str, list[Tokenized]], out: Path, *
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        vec = compress(grads, spec, cache=cache).cpu()
+        vec = compress(grads, spec).cpu()
         t2 = time.perf_counter()
         del grads
         tokens = sum(len(t.input_ids) for t in calib)
