@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/conflict_scale_bench.py [--part cosine,before,sketch] [--work DIR]
 
 Every measurement runs in a child process of its own; its peak resident memory is that child's
-``ru_maxrss`` (``os.wait4``), so the parent's synthetic data never counts. Results, with the command,
+``VmHWM`` (/proc/self/status, read by the child at its end). Not ``ru_maxrss``: Linux carries a
+process's maximum RSS over fork and exec, so a child's would start at the parent's (which holds the
+synthetic data while writing it). Results, with the command,
 date and machine, are written to conflict_scale_results.md (temporary name, then renamed).
 
 - cosine: T = 176 sources whose stored vectors have D = 100M float32 entries (400 MB each). 176 × 400 MB
@@ -28,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,19 +58,16 @@ def child(kind: str, spec: dict) -> dict:
     """Run one measurement in a fresh interpreter; returns its JSON result plus its peak RSS."""
     cmd = [sys.executable, __file__, "--child", kind, "--child-spec", json.dumps(spec)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {kind} failed with exit code {proc.returncode}")
-    res = json.loads(out.decode().strip().splitlines()[-1])
-    res["peak_rss_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
-    return res
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, env=env, check=True).stdout
+    return json.loads(out.decode().strip().splitlines()[-1])
 
 
 def _self_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far (VmHWM, which starts afresh at exec), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_child(kind: str, spec: dict) -> None:
@@ -108,6 +106,7 @@ def run_child(kind: str, spec: dict) -> None:
         res.update(sketch(kind.removeprefix("sketch-"), spec))
     else:
         raise ValueError(kind)
+    res["peak_rss_mb"] = _self_rss_mb()
     print(json.dumps(res), flush=True)
 
 
@@ -252,7 +251,7 @@ def report(res: dict) -> str:
              f"**Date:** {res['date']}  ",
              f"**Machine:** {res['machine']}; {res['memory_gb']:.0f} GB RAM; 1-minute load average "
              f"{res['load_start']:.1f} at the start, {res['load_end']:.1f} at the end.", "",
-             "Peak RSS is each measurement's own child process (`ru_maxrss` from `os.wait4`), including the "
+             "Peak RSS is each measurement's own child process (`VmHWM` at its end), including the "
              "interpreter, numpy, torch and safetensors imports (~"
              f"{res.get('baseline_mb', 0):.0f} MB before any work).", ""]
     if "cosine" in res:
