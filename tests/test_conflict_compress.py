@@ -73,9 +73,10 @@ def test_seed_and_names_change_the_sketch():
 
 def test_countsketch_stream_is_pinned():
     """Stored vectors are reused across runs by key; a change in how buckets are drawn must bump
-    METHODS_VERSION. These values were computed once with the current implementation."""
+    METHODS_VERSION. These values were computed once with the current implementation (version 2)."""
+    assert C.METHODS_VERSION == 2
     x = [("layer.weight", torch.arange(1.0, 9.0).reshape(2, 4)), ("layer.bias", torch.tensor([10.0, -20.0]))]
-    assert compress(x, CompressionSpec("countsketch", sketch_dim=4, seed=0)).tolist() == [-5.0, 10.0, 15.0, 6.0]
+    assert compress(x, CompressionSpec("countsketch", sketch_dim=4, seed=0)).tolist() == [-20.0, 2.0, 6.0, -6.0]
     assert compress(x, CompressionSpec("jl", sketch_dim=4, seed=0)).tolist() == [-8.0, 21.0, 3.0, 10.0]
 
 
@@ -108,16 +109,86 @@ def test_unknown_compression_lists_known_names():
         compress([("w", torch.ones(3))], CompressionSpec("zip"))
 
 
-def test_countsketch_bucket_cache_gives_the_same_sketch():
-    x, y = _pair(n=2000)
-    spec = CompressionSpec("countsketch", sketch_dim=64, seed=2)
-    cache: dict = {}
-    first = compress(_named(x), spec, cache=cache)
-    assert len(cache) == 3
-    assert torch.equal(first, compress(_named(x), spec))
-    assert torch.equal(compress(_named(y), spec, cache=cache), compress(_named(y), spec))
-    other = CompressionSpec("countsketch", sketch_dim=64, seed=3)  # other settings: not served from the cache
-    assert torch.equal(compress(_named(y), other, cache=cache), compress(_named(y), other))
+def test_lowbias32_matches_its_published_definition():
+    # hand-evaluated from the C definition for x = 1:
+    #   x ^= x >> 16 -> 1; x *= 0x7feb352d -> 0x7feb352d; x ^= x >> 15 -> 0x7feb352d ^ 0xffd6 = 0x7febcafb;
+    #   x *= 0x846ca68b (mod 2^32); x ^= x >> 16
+    x = 0x7FEBCAFB * 0x846CA68B & 0xFFFFFFFF
+    assert C.lowbias32(1) == x ^ (x >> 16)
+    assert C.lowbias32(0) == 0  # a fixed point of every xor-shift-multiply mixer: why the key is XORed in
+    idx = torch.tensor([0, 1, 2, 12345, 2**31, 2**32 - 1], dtype=torch.int64)
+    key = C.lowbias32(77)
+    out = C.sketch_hash_(idx.clone(), key, 1 << 32, torch.empty_like(idx))  # no reduction: the raw hash
+    assert out.tolist() == [C.lowbias32(int(i) ^ key) for i in idx]
+
+
+def _reference_inputs() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    return [("emb.weight", torch.randn(37, 11, generator=g)), ("ln.weight", torch.randn(5, generator=g)),
+            ("head.weight", torch.randn(3, 4, 9, generator=g)), ("one", torch.randn(1, generator=g))]
+
+
+@pytest.mark.parametrize("dim,chunk", [(16, 1 << 20), (24, 7), (64, 100), (5, 1)])
+def test_countsketch_equals_the_plain_python_reference(monkeypatch, dim, chunk):
+    """D=24 and 5: not powers of two (the remainder path); chunks of 7, 100 and 1 split every tensor."""
+    monkeypatch.setattr(C, "_SKETCH_CHUNK", chunk)
+    named = _reference_inputs()
+    ref = C.countsketch_reference([(n, t.numpy()) for n, t in named], dim, seed=3)
+    got = compress(named, CompressionSpec("countsketch", sketch_dim=dim, seed=3))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6, atol=1e-5)
+    assert np.abs(ref).sum() > 0
+    # batched: every row is its own source's reference sketch
+    batch = [(n, torch.stack([t, 2 * t + 1, -t])) for n, t in named]
+    rows = compress(batch, CompressionSpec("countsketch", sketch_dim=dim, seed=3), batched=True)
+    for b in range(3):
+        ref_b = C.countsketch_reference([(n, t[b].numpy()) for n, t in batch], dim, seed=3)
+        np.testing.assert_allclose(rows[b].numpy(), ref_b, rtol=1e-6, atol=1e-5)
+
+
+def test_countsketch_reference_keeps_the_seed_clash_rule(monkeypatch):
+    monkeypatch.setattr(C, "tensor_seed", lambda name, seed: 9)  # every tensor asks for the same seed
+    named = _reference_inputs()
+    ref = C.countsketch_reference([(n, t.numpy()) for n, t in named], 32, seed=0)
+    np.testing.assert_allclose(compress(named, CompressionSpec("countsketch", sketch_dim=32)).numpy(), ref,
+                               rtol=1e-6, atol=1e-5)
+    # and the clash moved the later tensors: sharing the first seed would give another sketch
+    shared = np.zeros(32)
+    key = C.lowbias32(9)
+    for _, t in named:
+        for i, x in enumerate(t.double().flatten().tolist()):
+            v = C.lowbias32(i ^ key) % 64
+            shared[v % 32] += x if v >= 32 else -x
+    assert not np.allclose(ref, shared)
+
+
+def test_countsketch_does_not_depend_on_the_chunk_size(monkeypatch):
+    """The hash is of the index alone and each chunk's entries are added in index order, so a chunk much
+    smaller than the tensor (the only integer tensors are two chunk-sized buffers) gives the same bits."""
+    g = torch.Generator().manual_seed(5)
+    named = [("big", torch.randn(50_000, generator=g)), ("small", torch.randn(300, generator=g))]
+    spec = CompressionSpec("countsketch", sketch_dim=128, seed=1)
+    whole = compress(named, spec)
+    allocated = []
+    real_empty = torch.empty
+
+    def spy(*size, **kw):
+        t = real_empty(*size, **kw)
+        if not t.dtype.is_floating_point:
+            allocated.append(t.numel())
+        return t
+
+    monkeypatch.setattr(C.torch, "empty", spy)
+    for chunk in (4096, 1000, 1):
+        monkeypatch.setattr(C, "_SKETCH_CHUNK", chunk)
+        allocated.clear()
+        assert torch.equal(compress(named, spec), whole)
+        assert allocated and max(allocated) == chunk  # index buffers of one chunk, never of the tensor
+
+
+def test_countsketch_refuses_a_tensor_past_the_index_range():
+    big = torch.zeros(1).expand(2**32 + 1)  # a view: no memory behind it
+    with pytest.raises(ValueError, match="2\\^32"):
+        compress([("huge", big)], CompressionSpec("countsketch", sketch_dim=8))
 
 
 def test_pipeline_check_rejects_unknown_compression_and_a_huge_jl():

@@ -10,8 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from merit.conflict import estimate as estimate_mod
 from merit.conflict import store
 from merit.conflict.compress import CompressionSpec
-from merit.conflict.cosine import cosine_matrix, extend_cosine, unit_rows
+from merit.conflict import cosine
+from merit.conflict.cosine import Rows, array_rows, cosine_matrix, extend_cosine, streamed_cosine, unit_rows
 from merit.data.chat import IGNORE, Tokenized
+from merit.errors import DataError
 
 # ------------------------------------------------------------------------------------------ cosines
 
@@ -58,15 +60,15 @@ def test_cosine_cache_extends_with_only_the_new_sources(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first, cosine_matrix(np.stack([vecs[n] for n in names[:4]])))
 
     seen = []
-    real = store.extend_cosine
+    real = store.streamed_cosine
 
-    def spy(c_old, unit_old, g_new, **kw):
-        seen.append((len(c_old), len(g_new)))
-        return real(c_old, unit_old, g_new, **kw)
+    def spy(rows, *, c_old=None, **kw):
+        seen.append((len(c_old), rows.count))
+        return real(rows, c_old=c_old, **kw)
 
-    monkeypatch.setattr(store, "extend_cosine", spy)
+    monkeypatch.setattr(store, "streamed_cosine", spy)
     both = store.update_cosine(tmp_path, names, keys)
-    assert seen == [(4, 3)]  # the 4 cached rows are reused; only 3 new rows are computed
+    assert seen == [(4, 7)]  # the 4 cached rows are reused; only the tile rows from the 3 new ones are computed
     np.testing.assert_array_equal(both, cosine_matrix(np.stack([vecs[n] for n in names])))
 
     # another order of the same sources: the same cache, permuted, nothing recomputed
@@ -96,6 +98,116 @@ def test_pending_checks_the_key_not_just_the_file(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(b"half a file")  # a file cut short by a kill
     assert store.pending(tmp_path, {"a": "k1", "b": "k2", "c": "k3"}) == ["b", "c"]
     assert store.pending(tmp_path, {"a": "other-config"}) == ["a"]
+
+
+def test_streamed_cosine_is_the_float64_cosine_matrix():
+    # T = 11 on tiles of 4 (a padded last tile), D = 1003 in chunks of 100 (a short last chunk)
+    rng = np.random.default_rng(4)
+    g = (rng.standard_normal((11, 1003)) * rng.uniform(0.1, 10, (11, 1))).astype(np.float32)
+    c = streamed_cosine(array_rows(g), tile=4, chunk=100)
+    g64 = g.astype(np.float64)
+    u = g64 / np.linalg.norm(g64, axis=1, keepdims=True)
+    np.testing.assert_allclose(c, u @ u.T, rtol=0, atol=1e-12)
+    assert np.array_equal(np.diag(c), np.ones(11)) and np.array_equal(c, c.T)
+    # the chunk changes the rounding, not the value
+    np.testing.assert_allclose(streamed_cosine(array_rows(g), tile=4, chunk=1003 * 2), c, rtol=0, atol=1e-12)
+
+
+def test_streamed_cosine_reads_only_chunks():
+    g = np.random.default_rng(5).standard_normal((6, 250)).astype(np.float32)
+    widths = []
+
+    def read(i, start, stop):
+        widths.append(stop - start)
+        return g[i, start:stop]
+
+    c = streamed_cosine(Rows(6, 250, read), tile=4, chunk=64)
+    assert max(widths) == 64 and sorted(set(widths)) == [58, 64]  # 250 = 3·64 + 58
+    np.testing.assert_array_equal(c, cosine_matrix(g, tile=4, chunk=64))
+
+
+def test_streamed_cosine_extended_in_batches_is_bitwise_from_scratch():
+    g = np.random.default_rng(6).standard_normal((11, 1003)).astype(np.float32)
+    scratch = streamed_cosine(array_rows(g), tile=4, chunk=100)
+    c = None
+    for t in (1, 3, 4, 9, 11):  # inside a tile, up to a tile's end, across tiles
+        c = streamed_cosine(array_rows(g[:t]), c_old=c, tile=4, chunk=100)
+    np.testing.assert_array_equal(c, scratch)
+
+
+def test_store_cosines_stay_bitwise_under_incremental_updates(tmp_path):
+    """Through the files: 70 sources (two row tiles of 64) of 2^16 + 37 entries (two column chunks), added
+    in four batches, against one from-scratch computation in a second store and the in-memory one."""
+    assert cosine.TILE == 64 and cosine.COLUMN_CHUNK == 1 << 16
+    rng = np.random.default_rng(7)
+    d = (1 << 16) + 37
+    vecs = {f"s{i:02d}": rng.standard_normal(d).astype(np.float32) for i in range(70)}
+    keys = _save(tmp_path / "inc", vecs)
+    _save(tmp_path / "scratch", vecs)
+    names = list(vecs)
+    for t in (30, 35, 66, 70):
+        inc = store.update_cosine(tmp_path / "inc", names[:t], keys)
+    scratch = store.update_cosine(tmp_path / "scratch", names, keys)
+    np.testing.assert_array_equal(inc, scratch)
+    np.testing.assert_array_equal(scratch, cosine_matrix(store.load_vectors(tmp_path / "scratch", names)))
+    g = np.stack(list(vecs.values())).astype(np.float64)
+    u = g / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(scratch, u @ u.T, rtol=0, atol=1e-12)
+
+
+def test_truncated_or_foreign_vector_file_is_refused_with_its_name(tmp_path):
+    rng = np.random.default_rng(8)
+    vecs = {f"s{i}": rng.standard_normal(100).astype(np.float32) for i in range(3)}
+    keys = _save(tmp_path, vecs)
+    path = store.vector_path(tmp_path, "s1")
+    data = path.read_bytes()
+    path.write_bytes(data[:-12])  # the last three entries cut off
+    assert store.stored_key(tmp_path, "s1") is None  # for resume: as if missing, so it is recomputed
+    assert store.pending(tmp_path, keys) == ["s1"]
+    with pytest.raises(DataError, match=r"s1\.safetensors: truncated .*rerun the grads stage"):
+        store.update_cosine(tmp_path, list(vecs), keys)
+    path.write_bytes(data[:5])
+    with pytest.raises(DataError, match="s1.safetensors: not a safetensors file"):
+        store.update_cosine(tmp_path, list(vecs), keys)
+    from safetensors.numpy import save_file
+
+    save_file({"g": rng.standard_normal(100)}, str(path))  # float64: not what the store writes
+    with pytest.raises(DataError, match="expected a 1-D F32 vector"):
+        store.update_cosine(tmp_path, list(vecs), keys)
+    store.save_vector(tmp_path, "s1", torch.ones(99), keys["s1"])
+    with pytest.raises(DataError, match="differ in length"):
+        store.update_cosine(tmp_path, list(vecs), keys)
+
+
+def test_a_cache_of_another_version_is_recomputed_not_extended(tmp_path):
+    rng = np.random.default_rng(9)
+    vecs = {f"s{i}": rng.standard_normal(40).astype(np.float32) for i in range(4)}
+    keys = _save(tmp_path, vecs)
+    names = list(vecs)
+    np.savez(tmp_path / store.COSINE_CACHE, keys=np.array([keys[n] for n in names[:2]]), matrix=np.eye(2))
+    c = store.update_cosine(tmp_path, names, keys)  # the version-less identity would be wrong if kept
+    np.testing.assert_array_equal(c, cosine_matrix(np.stack(list(vecs.values()))))
+
+
+def test_load_conflict_without_a_cache_streams_the_vectors(tmp_path):
+    rng = np.random.default_rng(10)
+    vecs = {f"s{i}": rng.standard_normal(300).astype(np.float32) for i in range(5)}
+    keys = _save(tmp_path, vecs)
+    names = list(vecs)[::-1]
+    store.write_store_manifest(tmp_path, "stage", names, keys, {"method": "none"})
+    assert artifacts_dim(tmp_path) == 300
+    with_cache = store.load_conflict(tmp_path)
+    (tmp_path / store.COSINE_CACHE).unlink()
+    without = store.load_conflict(tmp_path)
+    assert with_cache[0] == without[0] == names
+    np.testing.assert_array_equal(with_cache[1], without[1])
+    np.testing.assert_array_equal(without[1], cosine_matrix(np.stack([vecs[n] for n in names])))
+
+
+def artifacts_dim(folder) -> int:
+    from merit import artifacts
+
+    return artifacts.read_manifest(folder)["dim"]
 
 
 # ------------------------------------------------------------------------------ estimate + resume

@@ -7,14 +7,21 @@ the mixture, so adding sources to a run computes only the new gradients.
 
 ``grads/cosine.npz`` caches C in *store order* (the order sources were first computed) with each row's
 key. On update, the longest prefix of that order that is still current is kept and every other current
-source is appended through ``extend_cosine``, which makes the cache bitwise equal to a from-scratch
-computation in store order; callers get C permuted into their own order.
+source is appended (``streamed_cosine`` with the kept block), which makes the cache bitwise equal to a
+from-scratch computation in store order; callers get C permuted into their own order.
+
+C is computed from the vector files a column chunk at a time (``stored_rows``), with plain reads at
+offsets taken from the safetensors header, not a memory map (mapped pages count towards the process's
+resident memory): memory stays O(T × chunk + T²) whatever the vectors' length.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +30,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from merit import artifacts
-from merit.conflict.cosine import cosine_matrix, extend_cosine, unit_rows
+from merit.conflict.cosine import Rows, streamed_cosine
+from merit.errors import DataError
 
 COSINE_CACHE = "cosine.npz"
+# Stored in the cache; a cache of another version is recomputed. 2: row norms summed over column chunks
+# (the bits of C changed, so version-1 rows cannot be extended bitwise).
+COSINE_VERSION = 2
+_MAX_HEADER = 100 << 20  # safetensors' own limit on a header's size
 
 
 def vector_path(store: Path, name: str) -> Path:
@@ -63,9 +75,82 @@ def save_vector(store: Path, name: str, vec: torch.Tensor, key: str, **meta: obj
 
 
 def load_vectors(store: Path, names: list[str]) -> np.ndarray:
-    """(len(names), D) float32 matrix of stored vectors."""
+    """(len(names), D) float32 matrix of stored vectors, all in memory: for small stores and tests (the
+    pipeline's cosines read the files a chunk at a time, ``stored_rows``)."""
     rows = [load_file(str(vector_path(store, n)))["g"].numpy() for n in names]
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def vector_layout(path: Path) -> tuple[int, int]:
+    """(byte offset of the first entry, number of entries) of the vector ``g`` in a stored file.
+
+    Read from the safetensors header (8-byte little-endian length, then JSON); the file must hold the
+    whole of ``g`` as 1-D little-endian float32.
+
+    Raises:
+        DataError: the file is missing, not safetensors, holds no such vector, or is cut short.
+    """
+    path = Path(path)
+    hint = "delete it and rerun the grads stage to recompute it"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(_MAX_HEADER, size - 8):
+                raise DataError(f"{path}: not a safetensors file (header length {length}, file {size} bytes); {hint}")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the stored gradient ({e.strerror or e}); {hint}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged safetensors header ({e}); {hint}") from e
+    g = header.get("g") if isinstance(header, dict) else None
+    if not isinstance(g, dict):
+        raise DataError(f"{path}: holds no vector 'g'; {hint}")
+    shape, offsets = g.get("shape"), g.get("data_offsets")
+    if g.get("dtype") != "F32" or not isinstance(shape, list) or len(shape) != 1:
+        raise DataError(f"{path}: 'g' is {g.get('dtype')} of shape {shape}, expected a 1-D F32 vector; {hint}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == 4 * shape[0]):
+        raise DataError(f"{path}: 'g' has data offsets {offsets} for {shape[0]} float32 entries; {hint}")
+    start, end = 8 + length + offsets[0], 8 + length + offsets[1]
+    if end > size:
+        raise DataError(f"{path}: truncated ({size} bytes, 'g' ends at byte {end}); {hint}")
+    return start, shape[0]
+
+
+@contextmanager
+def stored_rows(store: Path, names: list[str]) -> Iterator[Rows]:
+    """The stored vectors of ``names`` as a ``Rows`` reader (row i = names[i]), files held open meanwhile.
+
+    Every header is checked up front (``vector_layout``) and all vectors must have the same length.
+
+    Raises:
+        DataError: a file is missing, malformed or truncated, or the lengths differ.
+    """
+    paths = [vector_path(store, n) for n in names]
+    layouts = [vector_layout(p) for p in paths]
+    dims = {n for _, n in layouts}
+    if len(dims) > 1:
+        sizes = ", ".join(f"{n}: {d}" for n, (_, d) in zip(names, layouts))
+        raise DataError(f"{store}: stored gradients differ in length ({sizes}); rerun the grads stage")
+    files = []
+    try:
+        for p in paths:
+            files.append(open(p, "rb", buffering=0))  # unbuffered: readinto goes straight to the array
+
+        def read(i: int, start: int, stop: int) -> np.ndarray:
+            out = np.empty(stop - start, dtype="<f4")
+            f = files[i]
+            f.seek(layouts[i][0] + 4 * start)
+            got = f.readinto(out)
+            if got != out.nbytes:  # shortened since its header was checked
+                raise DataError(f"{paths[i]}: truncated while being read; rerun the grads stage")
+            return out
+
+        yield Rows(len(names), dims.pop() if dims else 0, read)
+    finally:
+        for f in files:
+            f.close()
 
 
 def update_cosine(store: Path, names: list[str], keys: dict[str, str]) -> np.ndarray:
@@ -85,15 +170,13 @@ def update_cosine(store: Path, names: list[str], keys: dict[str, str]) -> np.nda
     new = [n for n in names if keys[n] not in set(kept)]
     if not new:
         c = old_c[:keep, :keep]
-    elif kept:
-        unit_kept = unit_rows(load_vectors(store, [by_key[k] for k in kept]))
-        c, _ = extend_cosine(old_c[:keep, :keep], unit_kept, load_vectors(store, new))
     else:
-        c = cosine_matrix(load_vectors(store, new))
+        with stored_rows(store, [by_key[k] for k in kept] + new) as rows:
+            c = streamed_cosine(rows, c_old=old_c[:keep, :keep])
     order = kept + [keys[n] for n in new]
     if new or keep < len(old_keys):
         tmp = store / f".{COSINE_CACHE}.tmp.npz"
-        np.savez(tmp, keys=np.array(order), matrix=c)
+        np.savez(tmp, keys=np.array(order), matrix=c, version=COSINE_VERSION)
         os.replace(tmp, cache)
     pos = {k: i for i, k in enumerate(order)}
     perm = [pos[keys[n]] for n in names]
@@ -106,6 +189,8 @@ def _read_cache(cache: Path) -> tuple[list[str], np.ndarray] | None:
         return None
     try:
         with np.load(cache, allow_pickle=False) as z:
+            if "version" not in z or int(z["version"]) != COSINE_VERSION:
+                return None  # computed another way: recomputed, not extended
             keys, c = [str(k) for k in z["keys"]], np.asarray(z["matrix"])
         if c.shape != (len(keys), len(keys)):
             raise ValueError("matrix and keys disagree")
@@ -130,8 +215,7 @@ def write_store_manifest(store: Path, stage_key: str, names: list[str], keys: di
                         "calibration": int(meta.get("calibration", 0)), "tokens": int(meta.get("tokens", 0)),
                         "norm": float(meta.get("norm", "nan"))})
     update_cosine(store, names, keys)
-    with safe_open(str(vector_path(store, names[0])), framework="pt") as f:
-        dim = int(f.get_slice("g").get_shape()[0])
+    dim = vector_layout(vector_path(store, names[0]))[1]
     return artifacts.write_manifest(store, stage_key, compression=settings, dim=dim, conflict=COSINE_CACHE,
                                     sources=entries, **fields)
 
@@ -147,4 +231,5 @@ def load_conflict(store: Path) -> tuple[list[str], np.ndarray]:
         if all(keys[n] in pos for n in names):
             perm = [pos[keys[n]] for n in names]
             return names, cached[1][np.ix_(perm, perm)]
-    return names, cosine_matrix(load_vectors(store, names))  # a run folder from before the cache existed
+    with stored_rows(store, names) as rows:  # a run folder from before the cache (or its version) existed
+        return names, streamed_cosine(rows)
