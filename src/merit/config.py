@@ -132,7 +132,7 @@ class GradsConfig(_Section):
     """Arithmetic of the forward/backward passes; gradients always accumulate in fp32. ``fp32`` (the
     default, bitwise reproducible on CPU), ``tf32`` (CUDA Ampere or newer: fp32 matmuls on TF32 tensor
     cores), ``bf16`` (autocast: bf16 matmuls, fp32 weights and gradient buffers). Part of the stored
-    gradients' key; its fidelity against fp32 is measured in benchmarks/scale_results.md."""
+    gradients' key; its fidelity against fp32 is measured by benchmarks/grads_bench.py (not yet run)."""
     workers: int = Field(1, ge=1)
     """Processes that share the sources' gradients (each loads θ(0) once and stores the vectors of its
     share), run by ``launch.kind`` like branches: local worker processes (one per ``launch.devices``
