@@ -388,7 +388,9 @@ class TokenTable(Sequence):
 
     def column(self, name: str):
         """One scalar column as a numpy array (``length``, ``loss_tokens``, ...), read without decoding rows."""
-        return self.dataset.with_format("numpy")[name] if len(self) else __import__("numpy").zeros(0, int)
+        import numpy as np
+
+        return np.asarray(self.dataset.with_format("numpy")[name]) if len(self) else np.zeros(0, dtype=np.int64)
 
     def lengths(self) -> list[int]:
         return [int(x) for x in self.column("length")]
