@@ -195,3 +195,18 @@ def test_vlm_cached_rows_equal_the_processor_path(tmp_path, tiny_vlm_checkpoint)
         assert got.images == want.images and got.extra == want.extra and got.image_tokens == want.image_tokens
     index = tokens.read_index(req)
     assert index["images"] == 4 and index["image_tokens"] == sum(t.image_tokens for t in expected) > 0
+
+
+def test_cache_dir_that_is_a_file_fails_before_work(tmp_path, tiny_checkpoint, capsys):
+    from merit.cli import main
+
+    mix = make_mixture_dir(tmp_path / "mix", n_train=8, n_eval=2, names=list(FAMILIES)[:4])
+    (tmp_path / "not-a-folder").write_text("x")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"model": {"path": str(tiny_checkpoint)},
+                               "mixture": {"dir": str(mix), "cache_dir": str(tmp_path / "not-a-folder")},
+                               "split": {"r": 1}}))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("mixture.cache_dir" in line and "is a file" in line for line in err)
+    assert not (tmp_path / "run").exists()

@@ -221,7 +221,8 @@ def stage_mixture(cfg, out, sources, tokenizer, theta0, theta0_key) -> tuple[dic
     if manifest is None or any("tokens_dir" not in e for e in manifest["sources"]):
         log(f"mixture: tokenizing {len(sources)} sources (once: later stages read the token cache)")
         manifest = mixture_stage.build(out, cfg.mixture, sources, tokenizer, key, tokenizer_path=theta0,
-                                       trust_remote_code=cfg.model.trust_remote_code)
+                                       trust_remote_code=cfg.model.trust_remote_code,
+                                       hashes={name: sha for name, sha, _ in files})
     log(f"mixture: {len(manifest['sources'])} sources, {manifest['total_samples']} samples, "
         f"{manifest['total_tokens']} tokens")
     return manifest, key

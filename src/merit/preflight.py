@@ -50,6 +50,9 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
     from merit.launch.base import check_processes
 
     check_processes(cfg.launch)
+    cache = cfg.mixture.cache_dir
+    if cache is not None and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
+        raise ConfigError(f"mixture.cache_dir: {cache} is a file; give a folder (created if missing) for the token cache")
     if cfg.grads.precision == "tf32" and cfg.launch.kind == "local":
         import torch
 

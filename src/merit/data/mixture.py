@@ -168,11 +168,13 @@ def token_requests(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tok
 
 
 def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, key: str,
-          tokenizer_path: Path | None = None, trust_remote_code: bool = False) -> dict:
+          tokenizer_path: Path | None = None, trust_remote_code: bool = False,
+          hashes: dict[str, str] | None = None) -> dict:
     """Run the mixture stage: tokenize every source into the token cache (once; see
     ``merit.data.tokens``), count s_t and n_t per source from it, and write the manifest last."""
     stage = Path(run_dir) / "mixture"
-    hashes = {s.name: artifacts.file_sha256(s.train) for s in sources}
+    # The train files' sha256 when the caller has them already (the stage key is made of them).
+    hashes = hashes or {s.name: artifacts.file_sha256(s.train) for s in sources}
     requests = token_requests(run_dir, cfg, sources, tokenizer, hashes)
     # Worker processes load the tokenizer from θ(0)'s folder (``tokenizer_path``) themselves.
     tokens.build(requests, tokenizer, num_proc=cfg.num_proc, tokenizer_path=tokenizer_path,
