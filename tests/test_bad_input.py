@@ -308,7 +308,7 @@ def test_mixture_dir_without_train_folder(capsys, tmp_path, config):
 
 def test_mixture_dir_with_no_sources(capsys, tmp_path, config):
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    bad_run(capsys, config({"mixture.dir": str(tmp_path / "empty")}), tmp_path / "run", "train: no .jsonl files")
+    bad_run(capsys, config({"mixture.dir": str(tmp_path / "empty")}), tmp_path / "run", "train: no sources (.jsonl")
 
 
 def test_include_unknown_source(capsys, tmp_path, config):
@@ -521,7 +521,7 @@ def test_llava_jsonl_bad_record_names_its_line(capsys, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(llava_record(0)) + "\n\n" + json.dumps({"id": "x"}) + "\n")
     one_error(*run_cli(capsys, "convert-llava", src, "--out", tmp_path / "train" / "s.jsonl")[::2],
-              "in.jsonl:3 (id x): expected an object with a 'conversations' list")
+              "in.jsonl:3: no column 'conversations' (columns: id)")
 
 
 def test_llava_not_utf8(capsys, tmp_path):

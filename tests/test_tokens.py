@@ -11,14 +11,14 @@ import pytest
 from conftest import FAMILIES, chat, make_mixture_dir, word, write_jsonl
 from merit import artifacts
 from merit.data import mixture as mixture_stage
-from merit.data import tokens
+from merit.data import formats, tokens
 from merit.data.jsonl import read_examples
 from merit.errors import DataError
 
 
 def _request(tokenizer, path, root, max_length=64, limit=None):
-    return tokens.request(path.stem, path, root, tokens.tokenizer_identity(tokenizer), artifacts.file_sha256(path),
-                          max_length, limit)
+    return tokens.request(path.stem, formats.open_reader(formats.ReadSpec(path)), root,
+                          tokens.tokenizer_identity(tokenizer), artifacts.file_sha256(path), max_length, limit)
 
 
 def _rows(n: int, seed: int = 0, long_every: int = 0) -> list[dict]:
@@ -47,7 +47,7 @@ def tokenizer(tiny_checkpoint):
 
 def test_cached_rows_equal_the_in_memory_tokenizer(tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "train" / "src.jsonl", _rows(300, long_every=7))
-    monkeypatch.setattr(tokens, "SHARD_BYTES", 2000)  # several shards, cut at line starts
+    monkeypatch.setattr(formats.containers, "SHARD_BYTES", 2000)  # several shards, cut at line starts
     req = _request(tokenizer, path, tmp_path / "cache")
     assert tokens.build([req], tokenizer) > 3
     table = tokens.open_tokens(req)
@@ -64,7 +64,7 @@ def test_cached_rows_equal_the_in_memory_tokenizer(tmp_path, tokenizer, monkeypa
 def test_limit_takes_the_first_examples(tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "src.jsonl", _rows(50))
     path.write_text(path.read_text().replace("\n", "\n\n", 3))  # blank lines do not count as examples
-    monkeypatch.setattr(tokens, "SHARD_BYTES", 500)
+    monkeypatch.setattr(formats.containers, "SHARD_BYTES", 500)
     req = _request(tokenizer, path, tmp_path / "cache", limit=17)
     tokens.build([req], tokenizer)
     expected, _, _ = mixture_stage.tokenize_examples(tokenizer, read_examples(path, 17), 64, "x")
@@ -76,7 +76,7 @@ def test_errors_name_the_file_line_in_any_shard(tmp_path, tokenizer, monkeypatch
     rows[41] = '{"messages": [{"role": "user", "content": "hi"}]}'  # no assistant turn, on line 42
     path = tmp_path / "src.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    monkeypatch.setattr(tokens, "SHARD_BYTES", 700)
+    monkeypatch.setattr(formats.containers, "SHARD_BYTES", 700)
     req = _request(tokenizer, path, tmp_path / "cache")
     with pytest.raises(DataError, match=rf"{path}:42: no assistant turn"):
         tokens.build([req], tokenizer)
@@ -86,7 +86,7 @@ def test_errors_name_the_file_line_in_any_shard(tmp_path, tokenizer, monkeypatch
 
 def test_killed_tokenization_resumes_with_the_missing_shards(tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "src.jsonl", _rows(200))
-    monkeypatch.setattr(tokens, "SHARD_BYTES", 1500)
+    monkeypatch.setattr(formats.containers, "SHARD_BYTES", 1500)
     req = _request(tokenizer, path, tmp_path / "cache")
     real = tokens.tokenize_shard
     calls = []
@@ -101,7 +101,7 @@ def test_killed_tokenization_resumes_with_the_missing_shards(tmp_path, tokenizer
     with pytest.raises(KeyboardInterrupt):
         tokens.build([req], tokenizer)
     monkeypatch.setattr(tokens, "tokenize_shard", lambda tok, r, shard: calls.append(shard.index) or real(tok, r, shard))
-    shards = tokens.plan_shards(path, None)
+    shards = formats.plan_shards(formats.open_reader(formats.ReadSpec(path)), None)
     redone = tokens.build([req], tokenizer)
     assert redone == len(shards) - 2 and calls[2:] == [s.index for s in shards[2:]]
     expected, _, _ = mixture_stage.tokenize_examples(tokenizer, read_examples(path), 64, "x")
@@ -111,7 +111,7 @@ def test_killed_tokenization_resumes_with_the_missing_shards(tmp_path, tokenizer
 @pytest.mark.parametrize("damage", ["truncate", "drop-index-shard"])
 def test_a_damaged_cache_is_rebuilt_never_read(tmp_path, tokenizer, monkeypatch, capsys, damage):
     path = write_jsonl(tmp_path / "src.jsonl", _rows(200))
-    monkeypatch.setattr(tokens, "SHARD_BYTES", 1500)
+    monkeypatch.setattr(formats.containers, "SHARD_BYTES", 1500)
     req = _request(tokenizer, path, tmp_path / "cache")
     tokens.build([req], tokenizer)
     arrow = sorted(req.folder.glob("shard-*.arrow"))[1]
@@ -128,7 +128,7 @@ def test_a_damaged_cache_is_rebuilt_never_read(tmp_path, tokenizer, monkeypatch,
 
 def test_parallel_workers_write_the_same_rows(tmp_path, tokenizer, tiny_checkpoint, monkeypatch):
     path = write_jsonl(tmp_path / "src.jsonl", _rows(120, long_every=9))
-    monkeypatch.setattr(tokens, "SHARD_BYTES", 2500)
+    monkeypatch.setattr(formats.containers, "SHARD_BYTES", 2500)
     one = _request(tokenizer, path, tmp_path / "one")
     two = _request(tokenizer, path, tmp_path / "two")
     tokens.build([one], tokenizer, num_proc=1, tokenizer_path=tiny_checkpoint)

@@ -162,7 +162,7 @@ def test_convert_llava_missing_image(tmp_path, capsys):
     out = tmp_path / "mix/train/x.jsonl"
     assert main(["convert-llava", str(src), "--out", str(out), "--image-root", str(tmp_path / "llava/images")]) == 2
     msg = one_line_error(capsys)
-    assert f"{src}: record 1 (id b): image not found: {(tmp_path / 'llava/images/coco/2.jpg').resolve()}" in msg
+    assert f"{src}: row 1 (line 1) (id b): image not found: {(tmp_path / 'llava/images/coco/2.jpg').resolve()}" in msg
     assert not out.exists()
     assert main(["convert-llava", str(src), "--out", str(out), "--image-root", str(tmp_path / "llava/images"),
                  "--skip-missing"]) == 0

@@ -1,4 +1,4 @@
-"""Command-line interface: ``merit demo [--vlm] | run | ls | convert-llava | ...``.
+"""Command-line interface: ``merit demo [--vlm] | run | ls | convert | ...``.
 
 User mistakes (bad config, bad data, bad checkpoint) print one line and exit with code 2; anything
 else is a bug in merit and keeps its traceback.
@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from merit.argtypes import Parser
-from merit.data import llava
+from merit.data import convert
 from merit.errors import MeritError, as_user_error
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     plan_cli.add_parser(sub)
     sub.add_parser("ls", help="list presets, split methods, merge operators and launchers")
     eval_cli.add_parser(sub)
-    llava.add_parser(sub)
+    convert.add_parser(sub)
     merge_cli.add_parser(sub)
     split_cli.add_parser(sub)
     launch_cli.add_parser(sub)
@@ -119,8 +119,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         return eval_cli.run(args)
-    if args.command == "convert-llava":
-        return llava.run(args)
+    if args.command in ("convert", "convert-llava"):
+        return convert.run(args)
     if args.command == "merge":
         return merge_cli.run(args)
     if args.command == "split":

@@ -48,10 +48,31 @@ class ModelConfig(_Section):
         return self
 
 
+SourceFormat = Literal["chat-jsonl", "parquet", "hf-dataset", "sharegpt", "alpaca", "llava", "cauldron"]
+Scalar = str | int | float | bool
+
+
 class SourceConfig(_Section):
     name: str
     train: str
+    """A data file (``.jsonl``, ``.json``, ``.parquet``, ``.arrow``) or a dataset folder (``save_to_disk``
+    or Hub layout)."""
     eval: str | None = None
+    """Held-out data, read the same way (may be the same folder with another ``eval_split``)."""
+    format: SourceFormat | None = None
+    """How to read it (``merit.data.formats``); default: by file type and the first record's fields."""
+    columns: dict[str, str] | None = None
+    """Layout field → column name where the data's names differ (``{messages: conversations}``)."""
+    split: str | None = None
+    """The split of a dataset folder to train on (default: ``train``, or its only split)."""
+    eval_split: str | None = None
+    """The split ``eval`` is read from."""
+    filter: dict[str, Scalar | list[Scalar]] | None = None
+    """Keep rows whose column holds this value (or one of these): a task unit of a larger dataset."""
+    max_rows: int | None = Field(None, ge=1)
+    """The first rows kept (after the filter), for train and eval each."""
+    image_root: str | None = None
+    """The folder relative image paths are under (default: the mixture folder, or the file's own)."""
 
 
 class BuiltinMixtureConfig(_Section):
@@ -68,7 +89,10 @@ class MixtureConfig(_Section):
     builtin: BuiltinMixtureConfig | None = None
     """The code-generated task mixture (the embedded default)."""
     dir: str | None = None
-    """A folder with ``train/<source>.jsonl`` and ``eval/<source>.jsonl``."""
+    """A folder with ``train/<source>.jsonl`` and ``eval/<source>.jsonl`` (or ``.json``, ``.parquet``,
+    ``<source>/`` dataset folders)."""
+    format: SourceFormat | None = None
+    """With ``dir``: the format of its sources (default: each by file type and content)."""
     sources: list[SourceConfig] | None = None
     include: list[str] | None = None
     """With ``dir``: only these sources (default: every ``train/*.jsonl``)."""
@@ -95,6 +119,8 @@ class MixtureConfig(_Section):
             raise ValueError("give exactly one of mixture.builtin, mixture.dir or mixture.sources")
         if self.include is not None and self.dir is None:
             raise ValueError("mixture.include goes with mixture.dir")
+        if self.format is not None and self.dir is None:
+            raise ValueError("mixture.format goes with mixture.dir (give mixture.sources[].format per source)")
         return self
 
 
@@ -494,6 +520,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     for i, s in enumerate(cfg.mixture.sources or []):
         s.train = res(s.train, f"mixture.sources[{i}].train")
         s.eval = res(s.eval, f"mixture.sources[{i}].eval")
+        s.image_root = res(s.image_root, f"mixture.sources[{i}].image_root")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from merit import artifacts, registry
 from merit.config import RunConfig, dump_config
+from merit.data import formats
 from merit.data import mixture as mixture_stage
 from merit.errors import ConfigError, notice, warn
 from merit.models.loading import check_checkpoint, checkpoint_hash, load_tokenizer
@@ -199,12 +200,22 @@ def stage_theta0(cfg: RunConfig, out: Path) -> tuple[Path, str, str]:
     return Path(manifest.get("path", stage)), manifest["hash"], key
 
 
+READ_SETTINGS = ("format", "columns", "split", "eval_split", "filter", "max_rows", "image_root")
+
+
 def mixture_settings(cfg: RunConfig) -> dict:
     """The mixture section as stage keys see it. Settings added for VLMs are left out at their defaults,
     so text-only run folders made before them keep their keys (and are not recomputed)."""
     settings = cfg.mixture.model_dump(exclude={"cache_dir", "num_proc"})  # where and how, never what
     if settings.get("token_count") == "all":
         del settings["token_count"]
+    # Source formats came later: unset, they leave the key as it was.
+    if settings.get("format") is None:
+        settings.pop("format", None)
+    for source in settings.get("sources") or []:
+        for name in READ_SETTINGS:
+            if source.get(name) is None:
+                source.pop(name, None)
     if settings.get("builtin") and settings["builtin"].get("suite") == "text":
         del settings["builtin"]["suite"]
     return settings
@@ -212,7 +223,7 @@ def mixture_settings(cfg: RunConfig) -> dict:
 
 def stage_mixture(cfg, out, sources, tokenizer, theta0, theta0_key) -> tuple[dict, str]:
     stage = out / "mixture"
-    files = [(s.name, artifacts.file_sha256(s.train), artifacts.file_sha256(s.eval) if s.eval else None)
+    files = [(s.name, formats.content_sha256(s.train), formats.content_sha256(s.eval) if s.eval else None)
              for s in sources]
     key = artifacts.fingerprint("mixture", theta0_key, mixture_settings(cfg), files)
     manifest = artifacts.read_manifest(stage) if artifacts.is_done(stage, key) else None
@@ -511,7 +522,6 @@ def stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key) -> tuple[Pat
 
 
 def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixture_key) -> dict:
-    from merit.data.jsonl import read_examples
     from merit.evaluate.runner import evaluate_model, load_eval_model
 
     cap = cfg.eval.max_per_source
@@ -520,7 +530,8 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
     for e in mixture["sources"]:
         if e["eval"]:
             limits = [x for x in (cap, cfg.mixture.max_eval_per_source) if x]
-            sources[e["name"]] = read_examples(e["eval"], min(limits) if limits else None)
+            sources[e["name"]] = formats.read_examples(mixture_stage.entry_reader(e, "eval"),
+                                                       min(limits) if limits else None)
     if not sources:
         raise ConfigError("eval: no source has an eval split; give eval files (mixture.sources[].eval or DIR/eval/)")
     tokenizer = None

@@ -70,9 +70,9 @@ def parse_line(raw: bytes, path: Path, where: str) -> dict:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     check_example(ex, where)
     if "images" in ex or any(not isinstance(m["content"], str) for m in ex["messages"]):
-        from merit.data.vision import check_parts, resolve_images
+        from merit.data.vision import check_parts, mixture_root, resolve_images
 
-        resolve_images(ex, path, where, check_parts(ex["messages"], where))
+        resolve_images(ex, mixture_root(path), where, check_parts(ex["messages"], where))
     return ex
 
 

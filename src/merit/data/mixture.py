@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merit import artifacts
-from merit.config import MixtureConfig
+from merit.config import MixtureConfig, SourceConfig
+from merit.data import formats, tokens
 from merit.data.chat import Tokenized, TemplateError, tokenize_conversation
-from merit.data import tokens
-from merit.data.jsonl import count_examples, iter_examples, write_examples
+from merit.data.formats import Reader, ReadSpec
+from merit.data.jsonl import write_examples
 from merit.errors import ConfigError, DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -31,6 +32,27 @@ class Source:
     name: str
     train: Path
     eval: Path | None
+    train_spec: ReadSpec | None = None  # how to read them (None: merit's chat JSONL, as given)
+    eval_spec: ReadSpec | None = None
+
+    def reader(self, side: str = "train") -> Reader:
+        """The reader of the source's ``train`` or ``eval`` data (DataError on a file it cannot read)."""
+        path, spec = (self.train, self.train_spec) if side == "train" else (self.eval, self.eval_spec)
+        return formats.open_reader(spec or ReadSpec(path))
+
+
+def _from_config(s: SourceConfig, key: str) -> Source:
+    """A configured source with its read settings (the same for train and eval but the split)."""
+    columns = tuple(sorted((s.columns or {}).items()))
+    conditions = tuple((c, tuple(v if isinstance(v, list) else [v])) for c, v in sorted((s.filter or {}).items()))
+
+    def spec(path: str, split: str | None) -> ReadSpec:
+        return ReadSpec(Path(path), s.format, columns, split, conditions, s.max_rows, s.image_root, key)
+
+    if s.eval is not None and Path(s.eval) == Path(s.train) and (s.eval_split or s.split) == s.split:
+        raise ConfigError(f"{key}.eval: the same data as {key}.train; give another file or an eval_split")
+    return Source(s.name, Path(s.train), Path(s.eval) if s.eval else None, spec(s.train, s.split),
+                  spec(s.eval, s.eval_split) if s.eval else None)
 
 
 def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source]:
@@ -64,9 +86,9 @@ def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source
         root = Path(cfg.dir)
         if not (root / "train").is_dir():
             raise DataError(f"{root}: mixture.dir must hold a train/ folder of <source>.jsonl files")
-        found = sorted(p.stem for p in (root / "train").glob("*.jsonl"))
+        found = formats.source_names(root / "train")
         if not found:
-            raise DataError(f"{root / 'train'}: no .jsonl files")
+            raise DataError(f"{root / 'train'}: no sources (.jsonl, .json, .parquet files or dataset folders)")
         names = found
         if cfg.include is not None:
             missing = [n for n in cfg.include if n not in found]
@@ -75,12 +97,13 @@ def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source
             names = list(dict.fromkeys(cfg.include))
         sources = []
         for n in names:
-            ev = root / "eval" / f"{n}.jsonl"
-            sources.append(Source(n, root / "train" / f"{n}.jsonl", ev if ev.exists() else None))
+            train = formats.source_path(root / "train", n)
+            ev = formats.source_path(root / "eval", n) if (root / "eval").is_dir() else None
+            key = "mixture"  # a folder's sources share mixture.format
+            sources.append(Source(n, train, ev, ReadSpec(train, cfg.format, key=key),
+                                  ReadSpec(ev, cfg.format, key=key) if ev else None))
         return _checked(sources)
-    return _checked(
-        [Source(s.name, Path(s.train), Path(s.eval) if s.eval else None) for s in cfg.sources or []]
-    )
+    return _checked([_from_config(s, f"mixture.sources[{i}]") for i, s in enumerate(cfg.sources or [])])
 
 
 def _checked(sources: list[Source]) -> list[Source]:
@@ -95,29 +118,31 @@ def _checked(sources: list[Source]) -> list[Source]:
 
 
 def check_source(source: Source, cfg: MixtureConfig) -> str | None:
-    """Validate every line of a source's train and eval files (the read caps applied), streamed: one
-    line in memory at a time whatever the file's size. Returns ``file:line`` of the first example with
-    images or content parts (None: text only), for the check against a text-only θ(0)."""
+    """Validate every record of a source's train and eval data (the read caps applied), streamed: one
+    record in memory at a time whatever the data's size. Returns where the first example with images or
+    content parts is (None: text only), for the check against a text-only θ(0)."""
     from merit.data.vision import has_parts
 
     parts_at = None
-    for path, limit in ((source.train, cfg.max_train_per_source), (source.eval, cfg.max_eval_per_source)):
-        if path is None:
+    for side, limit in (("train", cfg.max_train_per_source), ("eval", cfg.max_eval_per_source)):
+        if (source.train if side == "train" else source.eval) is None:
             continue
+        reader = source.reader(side)
         count = 0
-        for lineno, ex in iter_examples(path, limit):
+        for where, ex in formats.examples(reader, limit):
             count += 1
             if parts_at is None and has_parts(ex):
-                parts_at = f"{path}:{lineno}"
+                parts_at = where
         if not count:
-            raise DataError(f"{path}: no examples (expected one JSON object per line)")
+            what = "expected one JSON object per line" if reader.plain_jsonl else reader.describe()
+            raise DataError(f"{reader.path}: no examples ({what})")
     return parts_at
 
 
 def any_trainable(source: Source, cfg: MixtureConfig, tokenizer) -> bool:
     """Whether at least one training example keeps assistant tokens after truncation (stops at the first)."""
-    for lineno, ex in iter_examples(source.train, cfg.max_train_per_source):
-        if tokenize_example(tokenizer, ex, cfg.max_length, f"{source.train}:{lineno}").loss_tokens:
+    for where, ex in formats.examples(source.reader(), cfg.max_train_per_source):
+        if tokenize_example(tokenizer, ex, cfg.max_length, where).loss_tokens:
             return True
     return False
 
@@ -163,7 +188,7 @@ def token_requests(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tok
     folder's ``mixture/tokens``; one folder per (file content, tokenizer, truncation)."""
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir) / "mixture" / "tokens"
     identity = tokens.tokenizer_identity(tokenizer)
-    return [tokens.request(s.name, s.train, root.absolute(), identity, hashes[s.name], cfg.max_length,
+    return [tokens.request(s.name, s.reader(), root.absolute(), identity, hashes[s.name], cfg.max_length,
                            cfg.max_train_per_source) for s in sources]
 
 
@@ -173,8 +198,8 @@ def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, k
     """Run the mixture stage: tokenize every source into the token cache (once; see
     ``merit.data.tokens``), count s_t and n_t per source from it, and write the manifest last."""
     stage = Path(run_dir) / "mixture"
-    # The train files' sha256 when the caller has them already (the stage key is made of them).
-    hashes = hashes or {s.name: artifacts.file_sha256(s.train) for s in sources}
+    # The train data's sha256 when the caller has them already (the stage key is made of them).
+    hashes = hashes or {s.name: formats.content_sha256(s.train) for s in sources}
     requests = token_requests(run_dir, cfg, sources, tokenizer, hashes)
     # Worker processes load the tokenizer from θ(0)'s folder (``tokenizer_path``) themselves.
     tokens.build(requests, tokenizer, num_proc=cfg.num_proc, tokenizer_path=tokenizer_path,
@@ -187,23 +212,27 @@ def build(run_dir: Path, cfg: MixtureConfig, sources: list[Source], tokenizer, k
             raise RuntimeError(f"{req.folder}: token cache incomplete right after tokenizing")
         if not index["rows"]:
             raise DataError(all_truncated_message(s.train))
+        evaluated = s.reader("eval") if s.eval else None
         entries.append(
             {
                 "name": s.name,
                 "train": str(s.train),
                 "eval": str(s.eval) if s.eval else None,
                 "train_sha256": hashes[s.name],
-                "eval_sha256": artifacts.file_sha256(s.eval) if s.eval else None,
+                "eval_sha256": formats.content_sha256(s.eval) if s.eval else None,
                 "samples": index["rows"],
                 "tokens": index["tokens"],
                 "loss_tokens": index["loss_tokens"],
                 "truncated": index["truncated"],
                 "skipped": index["skipped"],
-                "eval_samples": count_examples(s.eval, cfg.max_eval_per_source) if s.eval else 0,
+                "eval_samples": formats.count_examples(evaluated, cfg.max_eval_per_source) if evaluated else 0,
                 "tokens_dir": str(req.folder),
                 "tokens_key": req.key,
             }
         )
+        if not req.reader.plain_jsonl:  # how the data is read, for every later stage (chat JSONL: as always)
+            entries[-1].update(format=req.reader.describe(), reader=req.reader.spec.settings(),
+                               eval_reader=evaluated.spec.settings() if evaluated else None)
         if vision:
             entries[-1].update(vision_token_counts(index, cfg.token_count))
     extra = {"token_count": cfg.token_count} if vision else {}
@@ -233,7 +262,13 @@ def load_train(manifest: dict, names: list[str], tokenizer, cfg: MixtureConfig) 
     tables = []
     for e in manifest["sources"]:
         if e["name"] in names:
-            req = tokens.TokenRequest(e["name"], Path(e["train"]), Path(e["tokens_dir"]), e["tokens_key"],
+            req = tokens.TokenRequest(e["name"], entry_reader(e, "train"), Path(e["tokens_dir"]), e["tokens_key"],
                                       cfg.max_length, cfg.max_train_per_source)
             tables.append(tokens.load(req, tokenizer))
     return tokens.TokenTable.concat(tables)
+
+
+def entry_reader(entry: dict, side: str = "train") -> Reader:
+    """The reader of a mixture manifest entry's ``train`` or ``eval`` data, read as the mixture stage read it."""
+    settings = entry.get("reader" if side == "train" else "eval_reader")
+    return formats.open_reader(ReadSpec.from_settings(entry[side], settings, key=f"source {entry['name']}"))

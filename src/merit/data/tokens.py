@@ -1,7 +1,7 @@
 """The token cache: every source tokenized once, into memory-mapped Apache Arrow shards.
 
-A source file is tokenized once per (file content, tokenizer and chat template, ``mixture.max_length``,
-``mixture.max_train_per_source``) into its own folder under the cache root (``mixture.cache_dir``, by
+A source is tokenized once per (content, how it is read — format, columns, slice —, tokenizer and chat
+template, ``mixture.max_length``, ``mixture.max_train_per_source``) into its own folder under the cache root (``mixture.cache_dir``, by
 default ``<run>/mixture/tokens``). Every stage that needs training tokens — the mixture's counts, the
 gradient stage's calibration rows, each branch, the joint run — reads that folder memory-mapped through
 Hugging Face ``datasets``: no stage holds a whole source as Python lists, and none tokenizes it again.
@@ -12,14 +12,17 @@ One source's folder (named by its key)::
     shard-00000-of-00003.json    the shard's rows, bytes and counts, written after the shard is renamed into place
     index.json                   the source's totals, written once every shard is whole
 
-A shard is a byte range of the source file cut at line starts. Shards are tokenized by worker processes
+A shard is a part of one of the source's files (``merit.data.formats.plan_shards``): a byte range cut
+at record starts for JSON Lines and JSON, whole row groups for Parquet, row ranges for Arrow. Shards are tokenized by worker processes
 when the work is large (``mixture.num_proc``) and written under a temporary name, then renamed, so a
 killed tokenization resumes with the shards not yet written. A shard whose file size differs from its
 record (a truncated copy, a disk that filled up) is rebuilt with a notice and never read as data.
 
 Rows: ``input_ids`` and ``labels`` (int32 lists; labels are ``IGNORE`` outside assistant turns),
 ``length``, ``loss_tokens``, ``truncated``; for a vision-language θ(0) also ``images`` (absolute paths:
-pixels are decoded by the training collator, never stored), ``image_tokens`` and the processor's other
+pixels are decoded by the training collator, never stored), ``image_bytes`` (images embedded in a
+Parquet or Arrow source, kept encoded here so the collator reads them memory-mapped, not by re-reading
+the source's row groups), ``image_tokens`` and the processor's other
 per-token fields (``extra_keys`` / ``extra_values``).
 """
 
@@ -32,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merit import artifacts
+from merit.data import formats
 from merit.data.chat import Tokenized
+from merit.data.formats import Reader, Shard
 from merit.errors import notice
 
 CACHE_VERSION = 1  # bump when the rows written for the same inputs change (every cache is then rebuilt)
-SHARD_BYTES = 8 << 20  # source bytes per shard: the unit of parallel work and of resume
 PARALLEL_BYTES = 4 << 20  # below this much work in all, worker processes would cost more than they save
 BATCH_ROWS = 1024  # rows per Arrow record batch: what a writer holds in memory
 INDEX = "index.json"
@@ -47,11 +51,15 @@ class TokenRequest:
     """One source file to tokenize (or find tokenized) under ``folder``."""
 
     name: str
-    path: Path
+    reader: Reader  # the source's training side (file or folder, format)
     folder: Path  # <cache root>/<key>
     key: str
     max_length: int
     limit: int | None  # the first ``limit`` examples (mixture.max_train_per_source)
+
+    @property
+    def path(self) -> Path:
+        return self.reader.path
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -63,67 +71,17 @@ def tokenizer_identity(tokenizer) -> str:
     return artifacts.fingerprint(tokenizer.chat_template, tokenizer.get_vocab(), image_settings)
 
 
-def request(name: str, path: Path, root: Path, identity: str, file_sha256: str, max_length: int,
+def request(name: str, reader: Reader, root: Path, identity: str, content_sha256: str, max_length: int,
             limit: int | None) -> TokenRequest:
-    key = artifacts.fingerprint("tokens", CACHE_VERSION, identity, file_sha256, max_length, limit)
-    return TokenRequest(name, Path(path), Path(root) / f"{name}-{key}", key, max_length, limit)
+    # How the bytes are read (format, columns, slice) is part of what they tokenize to; plain chat JSONL
+    # has no such settings, so its keys are those of caches made before other formats were read.
+    settings = reader.spec.settings()
+    key = artifacts.fingerprint("tokens", CACHE_VERSION, identity, content_sha256, max_length, limit,
+                                *([settings] if settings else []))
+    return TokenRequest(name, reader, Path(root) / f"{name}-{key}", key, max_length, limit)
 
 
 # ------------------------------------------------------------------------------------------------ shards
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    count: int
-    start: int  # byte offsets into the source file, at line starts
-    end: int
-    first_line: int  # the line number at ``start`` (errors name the file's own lines)
-
-    @property
-    def stem(self) -> str:
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
-
-
-def plan_shards(path: Path, limit: int | None, shard_bytes: int | None = None) -> list[Shard]:
-    """Byte ranges of ``path`` of about ``shard_bytes`` (default ``SHARD_BYTES``) each, cut at line
-    starts (and after the ``limit``-th non-blank line when a limit is given)."""
-    shard_bytes = shard_bytes or SHARD_BYTES
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if limit is not None:  # the byte offset just after the limit-th example
-            seen = 0
-            for raw in f:
-                seen += bool(raw.strip())
-                if seen >= limit:
-                    size = f.tell()
-                    break
-        cuts = [0]
-        for target in range(shard_bytes, size, shard_bytes):
-            f.seek(target - 1)
-            f.readline()  # to the end of the line that holds byte target-1: the next cut is a line start
-            cut = min(f.tell(), size)
-            if cut > cuts[-1]:
-                cuts.append(cut)
-        if cuts[-1] < size or size == 0:
-            cuts.append(size)
-        lines = [1]  # line number at each cut
-        f.seek(0)
-        for a, b in zip(cuts, cuts[1:]):
-            lines.append(lines[-1] + _newlines(f, b - a))
-    n = len(cuts) - 1
-    return [Shard(i, n, cuts[i], cuts[i + 1], lines[i]) for i in range(n)]
-
-
-def _newlines(f, nbytes: int, block: int = 1 << 20) -> int:
-    count = 0
-    while nbytes > 0:
-        data = f.read(min(block, nbytes))
-        if not data:
-            break
-        count += data.count(b"\n")
-        nbytes -= len(data)
-    return count
 
 
 def _shard_whole(folder: Path, shard: Shard) -> dict | None:
@@ -151,7 +109,8 @@ def _schema(vision: bool):
     fields = [("input_ids", ids), ("labels", ids), ("length", pa.int32()), ("loss_tokens", pa.int32()),
               ("truncated", pa.bool_())]
     if vision:
-        fields += [("images", pa.list_(pa.string())), ("image_tokens", pa.int32()),
+        # An image is a path (image_bytes "") or encoded bytes embedded in the source (images "").
+        fields += [("images", pa.list_(pa.string())), ("image_bytes", pa.list_(pa.binary())), ("image_tokens", pa.int32()),
                    ("extra_keys", pa.list_(pa.string())), ("extra_values", pa.list_(ids))]
     return pa.schema(fields)
 
@@ -160,7 +119,6 @@ def tokenize_shard(tokenizer, req: TokenRequest, shard: Shard) -> dict:
     """Tokenize one shard of a source into its Arrow file and record; the record (counts)."""
     import pyarrow as pa
 
-    from merit.data.jsonl import iter_examples
     from merit.data.mixture import tokenize_example
 
     vision = getattr(tokenizer, "processor", None) is not None
@@ -182,9 +140,9 @@ def tokenize_shard(tokenizer, req: TokenRequest, shard: Shard) -> dict:
 
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for lineno, ex in iter_examples(req.path, start=shard.start, end=shard.end, first_line=shard.first_line):
+            for where, ex in formats.shard_examples(req.reader, shard):
                 counts["examples"] += 1
-                t = tokenize_example(tokenizer, ex, req.max_length, f"{req.path}:{lineno}")
+                t = tokenize_example(tokenizer, ex, req.max_length, where)
                 if t.loss_tokens == 0:  # truncation cut every assistant token: it would train on nothing
                     counts["skipped"] += 1
                     continue
@@ -200,7 +158,8 @@ def tokenize_shard(tokenizer, req: TokenRequest, shard: Shard) -> dict:
                 if vision:
                     counts["image_tokens"] += t.image_tokens
                     counts["images"] += len(t.images)
-                    columns["images"].append(list(t.images))
+                    columns["images"].append([p if isinstance(p, str) else "" for p in t.images])
+                    columns["image_bytes"].append([p if isinstance(p, bytes) else b"" for p in t.images])
                     columns["image_tokens"].append(t.image_tokens)
                     columns["extra_keys"].append(list(t.extra))
                     columns["extra_values"].append(list(t.extra.values()))
@@ -255,9 +214,9 @@ def build(requests: Sequence[TokenRequest], tokenizer, *, num_proc: int | None =
     """
     from tqdm.auto import tqdm
 
-    plans = {r.folder: plan_shards(r.path, r.limit) for r in requests if open_tokens(r) is None}
+    plans = {r.folder: formats.plan_shards(r.reader, r.limit) for r in requests if open_tokens(r) is None}
     todo = [(r, s) for r in requests if r.folder in plans for s in plans[r.folder] if _shard_whole(r.folder, s) is None]
-    workers = workers_for(num_proc, sum(s.end - s.start for _, s in todo)) if tokenizer_path else 1
+    workers = workers_for(num_proc, sum(_shard_bytes(r, s) for r, s in todo)) if tokenizer_path else 1
     bar = tqdm(total=len(todo), desc="tokenizing", unit="shard", disable=None) if todo else None
     try:
         if workers <= 1 or len(todo) <= 1:
@@ -287,6 +246,14 @@ def build(requests: Sequence[TokenRequest], tokenizer, *, num_proc: int | None =
         if r.folder in plans:
             _write_index(r, plans[r.folder])
     return len(todo)
+
+
+def _shard_bytes(req: TokenRequest, shard: Shard) -> int:
+    """About how many source bytes a shard holds (its byte range; for row shards, the file's share)."""
+    f = req.reader.files[shard.file]
+    if f.container in ("jsonl", "json"):
+        return shard.end - shard.start
+    return formats.containers.SHARD_BYTES if shard.count > 1 else os.path.getsize(f.path)
 
 
 def _write_index(req: TokenRequest, shards: list[Shard]) -> dict:
@@ -350,6 +317,7 @@ class TokenTable(Sequence):
     def __init__(self, dataset):
         self.dataset = dataset  # a datasets.Dataset
         self.vision = "images" in dataset.column_names
+        self.embedded = "image_bytes" in dataset.column_names  # caches made before embedded images lack it
 
     @classmethod
     def from_files(cls, files: Sequence[Path]) -> TokenTable:
@@ -362,7 +330,13 @@ class TokenTable(Sequence):
     def concat(cls, tables: Sequence[TokenTable]) -> TokenTable:
         from datasets import concatenate_datasets
 
-        return tables[0] if len(tables) == 1 else cls(concatenate_datasets([t.dataset for t in tables]))
+        if len(tables) == 1:
+            return tables[0]
+        parts = [t.dataset for t in tables]
+        if any(t.embedded for t in tables):  # caches from before embedded images: an empty column, same schema
+            parts = [d if t.embedded else d.add_column("image_bytes", [[b""] * len(x) for x in d["images"]])
+                     for t, d in zip(tables, parts)]
+        return cls(concatenate_datasets(parts))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -375,7 +349,10 @@ class TokenTable(Sequence):
             return Tokenized(row["input_ids"], row["labels"], row["truncated"])
         from merit.data.vision import VisionTokenized
 
-        return VisionTokenized(row["input_ids"], row["labels"], row["truncated"], images=tuple(row["images"]),
+        images = tuple(row["images"])
+        if self.embedded:
+            images = tuple(b if b else p for p, b in zip(images, row["image_bytes"]))
+        return VisionTokenized(row["input_ids"], row["labels"], row["truncated"], images=images,
                                extra=dict(zip(row["extra_keys"], row["extra_values"])),
                                image_tokens=row["image_tokens"])
 

@@ -2,10 +2,11 @@
 assistant-only loss masks, and the collator that hands pixels to the model.
 
 Schema. A message's ``content`` is a string or a list of parts ``{"type": "image"}`` /
-``{"type": "text", "text": ...}``; the example's ``images`` lists one path per image part, in order of
-appearance, relative to the mixture folder (the folder holding ``train/`` and ``eval/``; for a JSONL
-file elsewhere, its own folder) or absolute. :func:`resolve_images` makes them absolute when the file is
-read, so every later stage can open them wherever it runs.
+``{"type": "text", "text": ...}``; the example's ``images`` lists one image per image part, in order of
+appearance: a path relative to the mixture folder (the folder holding ``train/`` and ``eval/``; for a
+file elsewhere, its own folder) or absolute, or encoded bytes (images embedded in Parquet / Arrow
+sources). :func:`resolve_images` makes paths absolute when the file is read, so every later stage can
+open them wherever it runs.
 
 Tokenization mirrors ``merit.data.chat`` (render the prefix before each assistant turn and through it,
 compare ids) but goes through ``processor(text, images)``, so image placeholders are expanded exactly as
@@ -36,7 +37,7 @@ class VisionTokenized(Tokenized):
     """A tokenized example of a VLM: ids and labels as for text, plus its image files (absolute paths)
     and the processor's other per-token fields (e.g. ``mm_token_type_ids``)."""
 
-    images: tuple[str, ...] = ()
+    images: tuple[str | bytes, ...] = ()  # absolute paths, or encoded images
     extra: dict[str, list[int]] = field(default_factory=dict)
     image_tokens: int = 0  # placeholder tokens that the image features replace
 
@@ -74,23 +75,27 @@ def mixture_root(jsonl: Path) -> Path:
     return jsonl.parent.parent if jsonl.parent.name in ("train", "eval") else jsonl.parent
 
 
-def resolve_images(example: dict, jsonl: Path, where: str, n_parts: int) -> None:
-    """Check ``images`` against the image parts and replace each path by an absolute one, in place.
+def resolve_images(example: dict, root: Path, where: str, n_parts: int) -> None:
+    """Check ``images`` against the image parts and make each path absolute (relative ones are under
+    ``root``), in place. Encoded images (bytes, from Parquet or Arrow sources) stay bytes, checked.
 
     Raises:
-        DataError: ``images`` is not a list of strings, its length differs from the number of image
-            parts, or a file does not exist — naming ``file:line`` and the image path.
+        DataError: ``images`` is not a list of paths / bytes, its length differs from the number of image
+            parts, or an image does not exist or cannot be read — naming ``where`` and the image.
     """
-    paths = example.get("images", [])
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    images = example.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, (str, bytes)) for p in images):
         raise DataError(f"{where}: 'images' must be a list of image file paths")
-    if len(paths) != n_parts:
-        raise DataError(f"{where}: {n_parts} image part(s) in 'messages' but {len(paths)} path(s) in 'images'")
-    root = mixture_root(jsonl)
+    if len(images) != n_parts:
+        raise DataError(f"{where}: {n_parts} image part(s) in 'messages' but {len(images)} path(s) in 'images'")
     out = []
-    for p in paths:
+    for i, p in enumerate(images):
+        if isinstance(p, bytes):
+            check_image(p, where, f"image {i} (encoded bytes)")
+            out.append(p)
+            continue
         full = Path(p).expanduser()
-        full = full if full.is_absolute() else root / full
+        full = full if full.is_absolute() else Path(root) / full
         if not full.is_file():
             raise DataError(f"{where}: image not found: {full}")
         check_image(full, where)
@@ -98,18 +103,24 @@ def resolve_images(example: dict, jsonl: Path, where: str, n_parts: int) -> None
     example["images"] = out
 
 
-def check_image(path: Path, where: str) -> None:
-    """Refuse a file that is not a readable image, from its header alone (cheap: no pixels decoded), so a
-    bad image fails when the data is read, not hours later in a training batch."""
+def check_image(image: Path | bytes, where: str, name: str | None = None) -> None:
+    """Refuse a file (or encoded bytes) that is not a readable image, from its header alone (cheap: no
+    pixels decoded), so a bad image fails when the data is read, not hours later in a training batch."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(_image_source(image)) as img:
             if not img.size or min(img.size) < 1:
                 raise OSError("empty image")
     except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e}); "
+        raise DataError(f"{where}: {name or f'image {image}'} cannot be read ({type(e).__name__}: {e}); "
                         "replace or remove it") from None
+
+
+def _image_source(image: str | Path | bytes):
+    import io
+
+    return io.BytesIO(image) if isinstance(image, bytes) else image
 
 
 def image_parts(messages: Sequence[dict]) -> int:
@@ -118,15 +129,16 @@ def image_parts(messages: Sequence[dict]) -> int:
                for p in m["content"] if isinstance(p, dict) and p.get("type") == "image")
 
 
-def load_image(path: str):
-    """An image file as RGB (what every VLM image processor expects)."""
+def load_image(image: str | bytes):
+    """An image file (or encoded bytes) as RGB (what every VLM image processor expects)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(_image_source(image)) as img:
             return img.convert("RGB")
     except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+        name = "encoded image" if isinstance(image, bytes) else image
+        raise DataError(f"{name}: cannot read image ({e})") from None
 
 
 # -------------------------------------------------------------------------------------------- tokenizing

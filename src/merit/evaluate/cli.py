@@ -27,7 +27,6 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from merit import artifacts
-    from merit.data.jsonl import read_examples
     from merit.evaluate.runner import EvalSettings, evaluate_model, load_eval_model
     from merit.merge.lora import is_adapter
     from merit.models.loading import load_tokenizer
@@ -37,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     folder = args.mixture / "eval"
     if not folder.is_dir():
         raise MeritError(f"{args.mixture}: --mixture needs an eval/ folder of <source>.jsonl files")
-    names = sorted(p.stem for p in folder.glob("*.jsonl"))
+    from merit.data import formats
+
+    names = formats.source_names(folder)  # eval/<source>.jsonl (.json, .parquet, dataset folders)
     if args.include:
         missing = [n for n in args.include if n not in names]
         if missing:
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         names = args.include
     if not names:
         raise MeritError(f"{folder}: no .jsonl files")
-    sources = {n: read_examples(folder / f"{n}.jsonl", args.max_per_source) for n in names}
+    sources = {n: formats.read_examples(formats.open_reader(formats.ReadSpec(formats.source_path(folder, n))),
+                                        args.max_per_source) for n in names}
     tok_dir = args.checkpoint
     if is_adapter(args.checkpoint):
         config = args.checkpoint / "adapter_config.json"

@@ -226,6 +226,8 @@ def _group_index(text: str, plan: dict, where: Path) -> int:
 def remap_mixture(mixture: dict, data_root: Path | None) -> dict:
     """The mixture manifest with its data paths under ``data_root`` (common parent replaced), each file
     checked against its recorded sha256; without ``data_root``, a check that the files exist."""
+    from merit.data import formats
+
     entries = mixture["sources"]
     paths = [p for e in entries for p in (e["train"], e.get("eval")) if p]
     if data_root is None:
@@ -241,9 +243,9 @@ def remap_mixture(mixture: dict, data_root: Path | None) -> dict:
             if not e.get(field):
                 continue
             new = Path(data_root) / Path(e[field]).relative_to(common)
-            if not new.is_file():
+            if not new.exists():
                 raise DataError(f"{new}: not found (--data-root {data_root} replaces {common} in {e[field]})")
-            if e.get(sha) and artifacts.file_sha256(new) != e[sha]:
+            if e.get(sha) and formats.content_sha256(new) != e[sha]:
                 raise DataError(f"{new}: content differs from the mixture manifest's {field} file (sha256)")
             moved[field] = str(new)
         out.append(moved)

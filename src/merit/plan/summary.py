@@ -180,11 +180,12 @@ def _shape(meta, cfg: RunConfig) -> est.ModelShape:
 def _source(s, cfg: RunConfig, tokenizer, mixture_stage) -> SourcePlan:
     """A source's counts from its line counts and a tokenized sample of its first examples (the files are
     not parsed whole a second time: ``merit run``'s pre-work checks have validated every line)."""
-    from merit.data.jsonl import count_examples, read_examples
+    from merit.data import formats
 
-    samples = count_examples(s.train, cfg.mixture.max_train_per_source)
+    reader = s.reader()
+    samples = formats.count_examples(reader, cfg.mixture.max_train_per_source)
     size = SAMPLE_VLM if getattr(tokenizer, "processor", None) is not None else SAMPLE
-    sample = read_examples(s.train, min(size, samples))
+    sample = formats.read_examples(reader, min(size, samples))
     truncated = 0
     if tokenizer is not None and sample:
         toks, truncated, skipped = mixture_stage.tokenize_examples(tokenizer, sample, cfg.mixture.max_length,
@@ -197,7 +198,7 @@ def _source(s, cfg: RunConfig, tokenizer, mixture_stage) -> SourcePlan:
     items = 0
     if s.eval:
         caps = [c for c in (cfg.mixture.max_eval_per_source, cfg.eval.max_per_source) if c is not None]
-        items = count_examples(s.eval, min(caps) if caps else None)
+        items = formats.count_examples(s.reader("eval"), min(caps) if caps else None)
     return SourcePlan(s.name, samples, mean * samples, len(sample) == samples and tokenizer is not None,
                       truncated / len(sample) if sample else 0.0, items)
 
