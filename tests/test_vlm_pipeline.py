@@ -26,14 +26,40 @@ FAST = {
 }
 
 
-def vision_mixture(root: Path, n_train: int = 16, n_eval: int = 3) -> Path:
-    """Built-in image tasks written as a mixture folder (pictures under root/images)."""
+def vision_mixture(root: Path, n_train: int = 16, n_eval: int = 3, mixed_formats: bool = False) -> Path:
+    """Built-in image tasks written as a mixture folder (pictures under root/images). ``mixed_formats``:
+    ``shape_colour`` as The Cauldron's Parquet layout with the pictures embedded as PNG bytes, ``side``
+    as LLaVA JSON (image paths relative to the mixture folder), the rest chat JSONL."""
     from merit.data.builtin_vision import write_vision_mixture
 
     for name, (train, ev) in write_vision_mixture(root, TASKS, n_train, n_eval, seed=0).items():
-        write_jsonl(root / "train" / f"{name}.jsonl", train)
-        write_jsonl(root / "eval" / f"{name}.jsonl", ev)
+        for split, rows in (("train", train), ("eval", ev)):
+            if mixed_formats and name == "shape_colour":
+                _cauldron_parquet(root, root / split / f"{name}.parquet", rows)
+            elif mixed_formats and name == "side":
+                _llava_json(root / split / f"{name}.json", rows)
+            else:
+                write_jsonl(root / split / f"{name}.jsonl", rows)
     return root
+
+
+def _cauldron_parquet(root: Path, path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"images": [{"bytes": (root / p).read_bytes(), "path": None} for p in r["images"]],
+                "texts": [{"user": r["messages"][0]["content"][1]["text"], "assistant": r["messages"][1]["content"]}],
+                "targets": r["targets"], "id": r["id"]} for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), str(path), row_group_size=5)
+
+
+def _llava_json(path: Path, rows: list[dict]) -> None:
+    records = [{"id": r["id"], "image": r["images"][0], "targets": r["targets"],
+                "conversations": [{"from": "human", "value": "<image>\n" + r["messages"][0]["content"][1]["text"]},
+                                  {"from": "gpt", "value": r["messages"][1]["content"]}]} for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
 
 
 def run(root: Path, cfg: dict, *extra: str) -> Path:
@@ -47,7 +73,7 @@ def run(root: Path, cfg: dict, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def vlm_run(tmp_path_factory, tiny_vlm_checkpoint):
     root = tmp_path_factory.mktemp("vlm-e2e")
-    mix = vision_mixture(root / "mix")
+    mix = vision_mixture(root / "mix", mixed_formats=True)
     cfg = {"name": "vlm-e2e", "model": {"path": str(tiny_vlm_checkpoint)},
            "mixture": {"dir": str(mix), "max_length": 48}, **FAST}
     threads = torch.get_num_threads()
@@ -71,6 +97,9 @@ def test_results_and_token_budgets(vlm_run):
 
     mixture = json.loads((out / "mixture/manifest.json").read_text())
     assert mixture["token_count"] == "all"
+    formats = {e["name"]: e.get("format") for e in mixture["sources"]}
+    assert formats["shape_colour"] == "parquet, cauldron layout" and formats["side"] == "json, llava layout"
+    assert formats["colour_choice"] is None  # chat JSONL, recorded as it always was
     for e in mixture["sources"]:
         assert e["images"] == e["samples"] == 16
         assert e["image_tokens"] == 4 * e["images"]  # 56×56 pictures: 4 placeholder tokens each
