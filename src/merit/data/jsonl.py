@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from merit.data.formats.containers import decode_json_line, jsonl_lines
 from merit.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -42,32 +43,16 @@ def iter_examples(path: str | Path, limit: int | None = None, *, start: int = 0,
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     count = 0
-    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named by its number
-        f.seek(start)
-        pos = start
-        for lineno, raw in enumerate(f, first_line):
-            if end is not None and pos >= end:
-                break
-            pos += len(raw)
-            if not raw.strip():
-                continue
-            yield lineno, parse_line(raw, path, f"{path}:{lineno}")
-            count += 1
-            if limit is not None and count >= limit:
-                break
+    for lineno, raw in jsonl_lines(path, start, end, first_line):
+        yield lineno, parse_line(raw, path, f"{path}:{lineno}")
+        count += 1
+        if limit is not None and count >= limit:
+            break
 
 
 def parse_line(raw: bytes, path: Path, where: str) -> dict:
     """One JSONL line as a validated example (image paths made absolute)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                        "re-encode the file as UTF-8") from None
-    try:
-        ex = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    ex = decode_json_line(raw, where)
     check_example(ex, where)
     if "images" in ex or any(not isinstance(m["content"], str) for m in ex["messages"]):
         from merit.data.vision import check_parts, mixture_root, resolve_images
