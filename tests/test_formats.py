@@ -252,6 +252,22 @@ def _bad_parquet_image(root: Path) -> tuple[Path, dict]:
     return _parquet(root / "bad.parquet", rows), {}
 
 
+def _saved_without_messages(root: Path) -> tuple[Path, dict]:
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "q", "answer": "a"}] * 3).save_to_disk(str(root / "saved"))
+    return root / "saved", {}
+
+
+def _llava_missing_image(root: Path) -> tuple[Path, dict]:
+    (root / "im").mkdir()
+    (root / "im" / "0.png").write_bytes(_png("red"))
+    records = [{"id": str(i), "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]} for i in range(2)]
+    (root / "llava.json").write_text(json.dumps(records))
+    return root / "llava.json", {"format": "llava", "image_root": str(root / "im")}
+
+
 BAD = {
     "missing column": (lambda root: (write_jsonl(root / "sg.jsonl", [_sharegpt(_system_chat("q", "a", 1))]),
                                      {"format": "sharegpt", "columns": {"messages": "dialog"}}),
@@ -264,6 +280,10 @@ BAD = {
         {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}]), {}),
                      ["sg.parquet: row 1, column 'conversations': conversations[1].from 'robot' is not a role"]),
     "undecodable image": (_bad_parquet_image, ["bad.parquet: row 1", "image 0 (encoded bytes) cannot be read"]),
+    "no known layout": (_saved_without_messages, ["saved/data-00000-of-00001.arrow: columns",
+                                                  "fields (prompt, answer) of no known layout",
+                                                  "set mixture.sources[1].format and mixture.sources[1].columns"]),
+    "missing image": (_llava_missing_image, ["llava.json: row 1 (line 1): image not found", "im/1.png"]),
 }
 
 
@@ -272,12 +292,13 @@ def test_bad_records_are_named_by_file_row_and_column(capsys, tmp_path, tiny_che
     make, needles = BAD[case]
     path, extra = make(tmp_path)
     good = write_jsonl(tmp_path / "good.jsonl", [chat(q, a) for q, a in _pairs(4)])
-    model = tiny_vlm_checkpoint if case == "undecodable image" else tiny_checkpoint
+    model = tiny_vlm_checkpoint if case in ("undecodable image", "missing image") else tiny_checkpoint
     cfg = {"name": "bad", "model": {"path": str(model)},
            "mixture": {"sources": [{"name": "good", "train": str(good)}, {"name": "odd", "train": str(path), **extra}]},
            "split": {"r": 1}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
+    capsys.readouterr()  # the data's own writing (datasets' progress bars)
     rc, _, err = run_cli(capsys, "run", tmp_path / "run.yaml", "--out", out, "--until", "mixture")
     one_error(rc, err, *needles)
     no_stage_written(out)

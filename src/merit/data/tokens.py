@@ -1,10 +1,11 @@
 """The token cache: every source tokenized once, into memory-mapped Apache Arrow shards.
 
 A source is tokenized once per (content, how it is read — format, columns, slice —, tokenizer and chat
-template, ``mixture.max_length``, ``mixture.max_train_per_source``) into its own folder under the cache root (``mixture.cache_dir``, by
-default ``<run>/mixture/tokens``). Every stage that needs training tokens — the mixture's counts, the
-gradient stage's calibration rows, each branch, the joint run — reads that folder memory-mapped through
-Hugging Face ``datasets``: no stage holds a whole source as Python lists, and none tokenizes it again.
+template, ``mixture.max_length``, ``mixture.max_train_per_source``) into its own folder under the cache
+root (``mixture.cache_dir``, by default ``<run>/mixture/tokens``). Every stage that needs training
+tokens — the mixture's counts, the gradient stage's calibration rows, each branch, the joint run — reads
+that folder memory-mapped through Hugging Face ``datasets``: no stage holds a whole source as Python
+lists, and none tokenizes it again.
 
 One source's folder (named by its key)::
 

@@ -142,6 +142,9 @@ def open_reader(spec: ReadSpec) -> Reader:
         raise ConfigError(f"{spec.key}.format: {spec.format!r} is not a format; known: {', '.join(FORMATS)}")
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if spec.split is not None and not path.is_dir():
+        raise DataError(f"{path}: {spec.key} names split {spec.split!r}, but a file has no splits; splits are "
+                        "for dataset folders (leave split / eval_split out)")
     files = _folder_files(spec) if path.is_dir() else (_file(path, spec),)
     if spec.format == "parquet" and any(f.container != "parquet" for f in files):
         raise DataError(f"{path}: {spec.key}.format is parquet but the file is not .parquet")
@@ -216,7 +219,8 @@ def _pick_split(spec: ReadSpec, splits: list[str], folder: Path) -> str:
         return splits[0]
     if "train" in splits:
         return "train"
-    raise DataError(f"{folder}: splits {', '.join(splits)}; say which with {spec.key}.split")
+    how = "list it under mixture.sources with a split" if spec.key == "mixture" else f"say which with {spec.key}.split"
+    raise DataError(f"{folder}: splits {', '.join(splits)}; {how}")
 
 
 def _saved_dataset(folder: Path) -> tuple[DataFile, ...]:
