@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     run_options(run)
     plan_cli.add_estimate_options(run)
     plan_cli.add_parser(sub)
-    sub.add_parser("ls", help="list presets, split methods, merge operators and launchers")
+    sub.add_parser("ls", help="list presets, split methods, merge operators, launchers and source formats")
     eval_cli.add_parser(sub)
     convert.add_parser(sub)
     merge_cli.add_parser(sub)
@@ -134,6 +134,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                   "launcher": "launchers", "compression": "gradient compression"}
         for kind in registry.kinds():
             print(f"{titles.get(kind, kind)}: {', '.join(registry.names(kind))}")
+        from merit.data.formats import FORMATS
+
+        print(f"source formats: {', '.join(FORMATS)}")
         return 0
 
     from merit.config import load_config

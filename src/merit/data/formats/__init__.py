@@ -252,8 +252,10 @@ def _sniff(files: tuple[DataFile, ...], spec: ReadSpec) -> str:
         return "chat"  # merit's own JSONL: its checks then say what a line lacks
     if layout is None:
         shown = ", ".join(list(record)[:8]) if isinstance(record, dict) else type(record).__name__
+        how = ("list it under mixture.sources with a format and columns" if spec.key == "mixture"
+               else f"set {spec.key}.format and {spec.key}.columns")
         raise DataError(f"{where}: fields ({shown}) of no known layout (messages, conversations, instruction/"
-                        f"output, texts); set {spec.key}.format and {spec.key}.columns")
+                        f"output, texts); {how}")
     return layout
 
 
