@@ -267,7 +267,7 @@ def column_names(path: Path, container: str) -> list[str] | None:
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def plan(path: Path, container: str, file_index: int, keep: Callable[[object], bool] | None, limit: int | None,
+def plan(path: Path, container: str, file_index: int, keep: Callable[[object, str], bool] | None, limit: int | None,
          shard_bytes: int) -> tuple[list[tuple[int, int, int, int, int]], int]:
     """Shards of one file as ``(file, start, end, first, first_line)`` and the number of records they keep.
 
@@ -289,7 +289,8 @@ def _plan_jsonl(path, file_index, keep, limit, shard_bytes):
             for lineno, raw in enumerate(iter(f.readline, b""), 1):
                 if not raw.strip():
                     continue
-                if keep is None or keep(decode_json_line(raw, f"{path}:{lineno}")):
+                where = f"{path}:{lineno}"
+                if keep is None or keep(decode_json_line(raw, where), where):  # parsed only to filter
                     kept += 1
                     if limit is not None and kept >= limit:
                         size = f.tell()
@@ -335,7 +336,7 @@ def _plan_json(path, file_index, keep, limit, shard_bytes):
             shards.append((file_index, begin[0], offset, begin[1], begin[2]))
             begin = (offset, row, line)
         last_end = offset + 1  # any byte past the record's start ends the range after it
-        if keep is None or keep(record):
+        if keep is None or keep(record, f"{path}: row {row} (line {line})"):
             kept += 1
             if limit is not None and kept >= limit:
                 break
@@ -386,7 +387,7 @@ def _kept_end(path, container, keep, limit, total) -> tuple[int, int]:
         records = (r for _, r in rows(path, container))
     kept = 0
     for i, record in enumerate(records):
-        if keep is None or keep(record):
+        if keep is None or keep(record, f"{path}: row {i}"):
             kept += 1
             if limit is not None and kept >= limit:
                 return i + 1, kept
