@@ -360,3 +360,18 @@ def test_a_mixture_of_formats_runs_end_to_end(tmp_path, tiny_checkpoint):
     assert set(results["methods"]["joint"]["per_source"]) == {"uc", "lr"}
     # the same bytes read the same way: a rerun is all cached
     assert main(["run", str(tmp_path / "run.yaml"), "--out", str(out)]) == 0
+
+
+def test_merit_eval_reads_a_mixture_folder_of_formats(tmp_path, tiny_checkpoint):
+    rows = [dict(chat(q, a), targets=[a]) for q, a in _pairs(3)]
+    _parquet(tmp_path / "m" / "eval" / "pq.parquet", rows)
+    (tmp_path / "m" / "eval" / "sg.json").write_text(json.dumps([dict(_sharegpt(dict(r, id="x")), targets=r["targets"])
+                                                                  for r in rows]))
+    write_jsonl(tmp_path / "m" / "eval" / "cj.jsonl", rows)
+    assert main(["eval", str(tiny_checkpoint), "--mixture", str(tmp_path / "m"), "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "s.json")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())["result"]
+    assert set(result["per_source"]) == {"pq", "sg", "cj"}
+    # the same examples in three formats: the same loss
+    losses = result["per_source_loss"]
+    assert losses["pq"] == pytest.approx(losses["cj"]) and losses["sg"] == pytest.approx(losses["cj"])
