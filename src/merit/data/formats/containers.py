@@ -306,9 +306,9 @@ def _plan_jsonl(path, file_index, keep, limit, shard_bytes):
                 cuts.append(cut)
         if cuts[-1] < size or size == 0:
             cuts.append(size)
-        lines = [1]  # line number at each cut
+        lines = [1]  # line number at each shard's start (the bytes after the last start are not read)
         f.seek(0)
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in zip(cuts, cuts[1:-1]):
             lines.append(lines[-1] + _newlines(f, b - a))
     return [(file_index, cuts[i], cuts[i + 1], lines[i], lines[i]) for i in range(len(cuts) - 1)], kept
 
