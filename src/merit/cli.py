@@ -119,6 +119,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         return eval_cli.run(args)
+    if args.command == "export-tasks":
+        return eval_cli.run_export(args)
     if args.command in ("convert", "convert-llava"):
         return convert.run(args)
     if args.command == "merge":
@@ -152,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"stopped after stage {args.until!r}; run folder: {out}")
         return 0
     print(format_table(results))
-    print(f"\nrun folder: {out}  (results.json, report.md)")
+    print(f"\nrun folder: {out}  (results.json, report.md, report.html)")
     return 0
 
 

@@ -81,6 +81,8 @@ class BuiltinMixtureConfig(_Section):
     with Pillow (``tiny-vlm`` model)."""
     tasks: list[str] | None = None
     """Task names (default: all built-in tasks of the suite)."""
+    exclude: list[str] = []
+    """Tasks left out of the mixture (e.g. to score them as transfer sets, ``eval.transfer.builtin``)."""
     train_per_task: int = Field(200, ge=1)
     eval_per_task: int = Field(50, ge=1)
 
@@ -237,6 +239,10 @@ class TrainConfig(_Section):
     """0: the usual choice for short fine-tuning from a pretrained checkpoint (LLaVA, TRL's default)."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping at norm 1.0 (the Trainer's default)."""
+    report_to: list[str] = []
+    """Experiment trackers the Trainer logs to (``tensorboard``, ``wandb``, ``mlflow``, ``trackio``, ...: what
+    the installed transformers accepts): one run per branch and joint, grouped by the run name; tensorboard
+    event files go to ``<run>/logs/<job folder>``. Empty: none. Never part of a branch's key."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of full weights (PEFT). Branches are merged in weight space."""
     precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None
@@ -346,14 +352,95 @@ class BaselinesConfig(_Section):
     """K balanced random groups, trained and merged like MERIT."""
 
 
+class TransferBuiltinConfig(_Section):
+    """Built-in tasks scored as transfer sets (the embedded demo's): tasks held out of the mixture
+    (``mixture.builtin.exclude``) and θ(0)'s own warm-up tasks, what fine-tuning may erode."""
+
+    tasks: list[str] = []
+    """Target tasks of the built-in suite that the mixture does not train on."""
+    warmup_tasks: list[str] | Literal["all"] = []
+    """Warm-up tasks θ(0) was prepared on (``all``: every one)."""
+    eval_per_task: int = Field(50, ge=1)
+
+
+class TransferConfig(_Section):
+    """Sources outside the training mixture, scored for every checkpoint beside the in-mixture scores."""
+
+    dir: str | None = None
+    """A folder of ``<source>.jsonl`` files (or ``.json``, ``.parquet``, dataset folders), or one with an
+    ``eval/`` folder of them."""
+    sources: list[SourceConfig] | None = None
+    """Sources read like ``mixture.sources``; their ``eval`` data is scored (their ``train`` data when no
+    ``eval`` is given: a source outside the mixture is held out as a whole)."""
+    builtin: TransferBuiltinConfig | None = None
+    include: list[str] | None = None
+    """With ``dir``: only these sources."""
+    max_per_source: int | None = Field(None, ge=1)
+    """Items scored per transfer source (default: ``eval.max_per_source``)."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TransferConfig:
+        given = [k for k in ("dir", "sources", "builtin") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of eval.transfer.dir, eval.transfer.sources or eval.transfer.builtin")
+        if self.include is not None and self.dir is None:
+            raise ValueError("eval.transfer.include goes with eval.transfer.dir")
+        return self
+
+
+class HarnessConfig(_Section):
+    """A standard evaluation harness run on every checkpoint (lm-evaluation-harness or lmms-eval)."""
+
+    tasks: list[str] = Field(min_length=1)
+    """Task (or group) names as the harness spells them."""
+    include_path: str | None = None
+    """A folder of the harness's task YAMLs (local tasks); with only local tasks named, the harness's
+    own task index is not built."""
+    num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool = True
+    """Prompts through the tokenizer's chat template (what an instruction-tuned model expects)."""
+    limit: int | None = Field(None, ge=1)
+    """Items per task (default: all)."""
+    batch_size: int | Literal["auto"] = 8
+    model: str | None = None
+    """lmms-eval only: its model class name for the checkpoint (e.g. ``qwen2_5_vl``)."""
+    model_args: dict[str, Scalar] = {}
+    """Extra arguments of the harness model (lmms-eval: ``max_pixels``, ...)."""
+
+
 class EvalConfig(_Section):
     max_per_source: int | None = Field(50, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | Literal["auto"] = "auto"
+    """Examples per forward pass. ``auto``: 64 on CPU; on a GPU, the largest power of two from 512 down
+    that fits (halved on out-of-memory)."""
     max_new_tokens: int = Field(24, ge=1)
     normalize: Literal["whitespace", "lower"] = "whitespace"
     """Exact-match normalisation: collapse whitespace (case kept), or also lower-case and drop a final period."""
     length_normalized: bool = False
     """Multiple choice: rank choices by mean log-likelihood per token instead of the sum."""
+    device: str = "auto"
+    """Where checkpoints are evaluated: ``auto`` (the first CUDA GPU when there is one, else the CPU),
+    ``cpu``, ``cuda``, ``cuda:N``."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype checkpoints are evaluated in. ``auto``: ``model.dtype`` on CPU; bfloat16 on a GPU that
+    supports it (float16 otherwise), which halves memory and time at a negligible change of scores."""
+    transfer: TransferConfig | None = None
+    """Transfer sets: sources outside the training mixture (the paper's claim is about those)."""
+    lm_eval: HarnessConfig | None = None
+    """lm-evaluation-harness tasks run on every checkpoint (``pip install merit-tune[lm-eval]``)."""
+    lmms_eval: HarnessConfig | None = None
+    """lmms-eval tasks run on every checkpoint of a vision-language run (``pip install merit-tune[lmms-eval]``)."""
+    bootstrap: int = Field(2000, ge=100)
+    """Bootstrap replicates of the 95% intervals (items resampled within each source)."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
+        return v
 
 
 class LaunchConfig(_Section):

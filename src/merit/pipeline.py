@@ -108,6 +108,7 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | 
     # Every check that needs only the config, the files, θ(0)'s headers or the tokenizer, before any work.
     reaches_eval = until is None or STAGES.index(until) >= STAGES.index("eval")
     sources = preflight(cfg, out, reaches_eval)
+    extras = eval_extras(cfg, out, sources) if reaches_eval else None
     # What the run will cost and what is likely to go wrong, in its first lines (merit plan has the rest).
     from merit.plan.cli import strict_failure
     from merit.plan.summary import make_plan, render
@@ -159,7 +160,7 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | 
     if done("joint"):
         return None
     with timed("eval"):
-        results = stage_eval(cfg, out, mixture, checkpoints, mixture_key)
+        results = stage_eval(cfg, out, mixture, checkpoints, mixture_key, extras)
     if done("eval"):
         return results
     stage_report(out, results, variants)
@@ -218,6 +219,8 @@ def mixture_settings(cfg: RunConfig) -> dict:
                 source.pop(name, None)
     if settings.get("builtin") and settings["builtin"].get("suite") == "text":
         del settings["builtin"]["suite"]
+    if settings.get("builtin") and not settings["builtin"].get("exclude"):
+        settings["builtin"].pop("exclude", None)
     return settings
 
 
@@ -372,10 +375,17 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     return variants
 
 
-def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key):
+def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key, run_dir: Path | None = None):
     """A self-contained job for any launcher: absolute paths (a Ray or Slurm worker has another working
     folder), the plan group's sources, the config sections that decide the result."""
     from merit.train.branch import BranchJob
+    from merit.train.options import Tracking
+
+    tracking = None
+    if cfg.train.report_to and run_dir is not None:
+        rel = Path(out_dir).absolute().relative_to(Path(run_dir).absolute())
+        tracking = Tracking(tuple(cfg.train.report_to), Path(run_dir).absolute() / "logs" / rel,
+                            f"{Path(run_dir).name}/{'-'.join(rel.parts)}", Path(run_dir).name)
 
     mixture = {**mixture, "sources": [{**e, "train": str(Path(e["train"]).absolute()),
                                        "eval": str(Path(e["eval"]).absolute()) if e.get("eval") else None}
@@ -383,11 +393,11 @@ def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key):
     return BranchJob(name=name, out=Path(out_dir).absolute(), theta0=Path(theta0).absolute(),
                      theta0_hash=theta0_hash, sources=tuple(sources), mixture=mixture, mixture_cfg=cfg.mixture,
                      train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed, key=key,
-                     save_steps=cfg.launch.save_steps)
+                     save_steps=cfg.launch.save_steps, tracking=tracking)
 
 
 # Settings that change how a branch is computed, never what: a change does not retrain a finished branch.
-HOW_ONLY = {"train": ("gradient_checkpointing", "dataloader_num_workers", "fsdp", "deepspeed"),
+HOW_ONLY = {"train": ("gradient_checkpointing", "dataloader_num_workers", "fsdp", "deepspeed", "report_to"),
             "model": ("attn_implementation",)}
 # Settings added after run folders existed: in a key only when not at their default, so those folders
 # keep their keys (train.precision by its resolved value: fp32 is what a float32 θ(0) always trained in).
@@ -438,7 +448,7 @@ def stage_branches(cfg, out, variants, mixture, theta0, theta0_hash,
             if artifacts.is_done(folder, key):
                 continue
             jobs.append(branch_job(cfg, folder, f"{v.name} branch {k + 1}/{len(v.plan['groups'])}", group,
-                                   mixture, theta0, theta0_hash, key))
+                                   mixture, theta0, theta0_hash, key, run_dir=out))
     bad = []
     if jobs:
         workers = f", {cfg.launch.workers} at once" if cfg.launch.workers else ""
@@ -515,58 +525,129 @@ def stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key) -> tuple[Pat
     key = joint_key(cfg, theta0_key, mixture)
     if not artifacts.is_done(folder, key):
         log(f"joint: training the joint baseline on the whole mixture with launcher {cfg.launch.kind!r}")
-        bad = launch([branch_job(cfg, folder, "joint", names, mixture, theta0, theta0_hash, key)], cfg.launch)
+        bad = launch([branch_job(cfg, folder, "joint", names, mixture, theta0, theta0_hash, key, run_dir=out)],
+                     cfg.launch)
         if bad:
             raise BranchFailed(bad)
     return folder, key
 
 
-def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixture_key) -> dict:
-    from merit.evaluate.runner import evaluate_model, load_eval_model
+def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixture_key,
+               extras: EvalExtras | None = None) -> dict:
+    """Score every checkpoint on the in-mixture held-out lines, the transfer sets and the configured
+    harness tasks; each part cached per checkpoint in ``eval/<name>[.<part>].json`` under its own key
+    (a new transfer set or harness task scores only that, and never retrains anything)."""
+    from merit.evaluate import harness
+    from merit.evaluate.results import summarize
+    from merit.evaluate.runner import (evaluate_model, load_eval_model, resolve_batch_size, resolve_device,
+                                       resolve_dtype)
 
-    cap = cfg.eval.max_per_source
+    extras = extras or EvalExtras()
     sources = {}
     not_evaluated = [e["name"] for e in mixture["sources"] if not e["eval"]]
     for e in mixture["sources"]:
         if e["eval"]:
-            limits = [x for x in (cap, cfg.mixture.max_eval_per_source) if x]
+            limits = [x for x in (cfg.eval.max_per_source, cfg.mixture.max_eval_per_source) if x]
             sources[e["name"]] = formats.read_examples(mixture_stage.entry_reader(e, "eval"),
                                                        min(limits) if limits else None)
     if not sources:
         raise ConfigError("eval: no source has an eval split; give eval files (mixture.sources[].eval or DIR/eval/)")
+    transfer_cap = (cfg.eval.transfer.max_per_source or cfg.eval.max_per_source) if cfg.eval.transfer else None
+    transfer = {t.name: formats.read_examples(t.reader(), transfer_cap) for t in extras.transfer}
+    device = resolve_device(cfg.eval.device)
+    dtype = resolve_dtype(cfg.eval.dtype, cfg.model.dtype, device)
+    batch_size, adaptive = resolve_batch_size(cfg.eval.batch_size, device)
+    settings = eval_settings(cfg, batch_size)
+    # What decides the scores (never where or in what batch size they are computed).
+    identity = [cfg.eval.model_dump(include={"max_per_source", "max_new_tokens", "normalize", "length_normalized"}),
+                dtype]
+    parts = {"": artifacts.fingerprint("eval/2", mixture_key, identity)}
+    if transfer:
+        parts["transfer"] = artifacts.fingerprint("eval-transfer", identity, transfer_cap,
+                                                  {t.name: formats.content_sha256(t.spec.path) for t in extras.transfer})
+    if cfg.eval.lm_eval:
+        parts["lm_eval"] = artifacts.fingerprint("lm-eval", cfg.eval.lm_eval.model_dump(exclude={"batch_size"}), dtype)
+    if cfg.eval.lmms_eval:
+        parts["lmms_eval"] = artifacts.fingerprint("lmms-eval", cfg.eval.lmms_eval.model_dump(exclude={"batch_size"}))
     tokenizer = None
-    methods = {}
+    found: dict[str, dict[str, dict]] = {part: {} for part in parts}
     for name, (folder, ckpt_key) in checkpoints.items():
-        path = out / "eval" / f"{name}.json"
-        key = artifacts.fingerprint("eval", ckpt_key, mixture_key, cfg.eval.model_dump())
-        if path.exists() and artifacts.read_json(path).get("key") == key:
-            methods[name] = artifacts.read_json(path)["result"]
-            continue
-        tokenizer = tokenizer or load_tokenizer(folder)
-        model = load_eval_model(folder, cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        torch.manual_seed(cfg.seed)
-        result = evaluate_model(model, tokenizer, sources, eval_settings(cfg), desc=f"eval {name}")
-        artifacts.write_json(path, {"key": key, "checkpoint": str(folder), "result": result})
-        methods[name] = result
-    results = {"methods": {n: {"macro": r["macro"], "loss": r["loss"], "per_source": r["per_source"]}
-                           for n, r in methods.items()}}
+        model = None
+        for part, part_key in parts.items():
+            path = out / "eval" / (f"{name}.{part}.json" if part else f"{name}.json")
+            key = artifacts.fingerprint(part_key, ckpt_key)
+            if path.exists() and artifacts.read_json(path).get("key") == key:
+                found[part][name] = artifacts.read_json(path)["result"]
+                continue
+            if part == "lmms_eval":  # lmms-eval loads the checkpoint itself, through its own model class
+                log(f"eval: {name}: lmms-eval {', '.join(cfg.eval.lmms_eval.tasks)}")
+                result = harness.run_lmms_eval(cfg.eval.lmms_eval, folder, str(device), cfg.seed)
+            else:
+                if model is None:
+                    tokenizer = tokenizer or load_tokenizer(folder)
+                    model = load_eval_model(folder, dtype, device, trust_remote_code=cfg.model.trust_remote_code)
+                torch.manual_seed(cfg.seed)
+                if part == "lm_eval":
+                    log(f"eval: {name}: lm-eval {', '.join(cfg.eval.lm_eval.tasks)}")
+                    result = harness.run_lm_eval(model, tokenizer, cfg.eval.lm_eval, extras.lm_eval_tasks,
+                                                 str(device), cfg.seed)
+                else:
+                    scored = transfer if part == "transfer" else sources
+                    result = evaluate_model(model, tokenizer, scored, settings, desc=f"eval {name} {part}".rstrip(),
+                                            adaptive_batch=adaptive)
+                    settings = eval_settings(cfg, result["batch_size"])  # what fitted, for the next one
+            artifacts.write_json(path, {"key": key, "checkpoint": str(folder), "result": result})
+            found[part][name] = result
+        del model
+    rows = summarize(found[""], replicates=cfg.eval.bootstrap, seed=cfg.seed)
+    if transfer:
+        for name, row in summarize(found["transfer"], replicates=cfg.eval.bootstrap, seed=cfg.seed).items():
+            rows[name]["transfer"] = row
+    for part in ("lm_eval", "lmms_eval"):
+        for name, result in found.get(part, {}).items():
+            rows[name][part] = result
+    results = {"methods": rows}
     if not_evaluated:  # no eval split (warned before any work): left out of every average, and said so
         results["not_evaluated"] = not_evaluated
     artifacts.write_json(out / "results.json", results)
     return results
 
 
-def eval_settings(cfg: RunConfig):
+@dataclass
+class EvalExtras:
+    """What the pre-work checks resolved for the evaluation: the transfer sources and lm-eval's task manager."""
+
+    transfer: list = field(default_factory=list)
+    lm_eval_tasks: object = None
+
+
+def eval_extras(cfg: RunConfig, out: Path, sources) -> EvalExtras:
+    """Resolve and check everything the evaluation will need beyond the mixture, before any work: a typo
+    here fails in seconds, not after the branches trained (and fixing it retrains nothing)."""
+    from merit.evaluate import harness
+    from merit.evaluate.transfer import transfer_sources
+
+    extras = EvalExtras(transfer=transfer_sources(cfg, out, sources))
+    if cfg.eval.lm_eval is not None:
+        extras.lm_eval_tasks = harness.lm_eval_task_manager(cfg.eval.lm_eval)
+    if cfg.eval.lmms_eval is not None:
+        harness.check_lmms_eval(cfg.eval.lmms_eval)
+    return extras
+
+
+def eval_settings(cfg: RunConfig, batch_size: int = 64):
     from merit.evaluate.runner import EvalSettings
 
-    return EvalSettings(max_length=cfg.mixture.max_length, batch_size=cfg.eval.batch_size,
+    return EvalSettings(max_length=cfg.mixture.max_length, batch_size=batch_size,
                         max_new_tokens=cfg.eval.max_new_tokens, normalize=cfg.eval.normalize,
                         length_normalized=cfg.eval.length_normalized)
 
 
 def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:
-    from merit.report.plots import conflict_heatmap, pca_scatter
-    from merit.report.table import format_table
+    """report.md and report.html: the tables, the groups, and every plot of the run folder."""
+    from merit.report.document import Heading, Paragraph, Picture, to_html, to_markdown
+    from merit.report.plots import conflict_heatmap, pca_scatter, per_source_bars
+    from merit.report.table import comparison, harness, per_source
 
     main = variants[0]
     split_dir = main.root / "split"
@@ -574,10 +655,29 @@ def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:
     pca = artifacts.read_json(split_dir / "pca.json")
     conflict_heatmap(np.array(conflict["matrix"]), conflict["sources"], main.plan["groups"], split_dir / "conflict.png")
     pca_scatter(np.array(pca["scores"]), pca["sources"], main.plan["groups"], split_dir / "pca.png")
-    lines = [f"# merit run: {out.name}", "", format_table(results, markdown=True), "", "## Groups", ""]
+    methods = results["methods"]
+    per_source_bars({n: r["per_source"] for n, r in methods.items()}, "in-mixture held-out score per source",
+                    out / "eval" / "per_source.png")
+    blocks = [Heading(f"merit run: {out.name}", 1), comparison(results, title="")]
+    for part in ("lm_eval", "lmms_eval"):
+        table = harness(results, part)
+        if table is not None:
+            blocks.append(table)
+    blocks.append(Heading("Groups"))
     for v in variants:
-        lines.append(f"**{v.name}** ({v.method}, token weights {[round(w, 3) for w in v.plan['weights']]})")
-        lines += [f"- group {k}: {', '.join(g)}" for k, g in enumerate(v.plan["groups"])]
-        lines.append("")
-    lines += ["![conflict matrix](split/conflict.png)", "", "![PCA of the conflict matrix](split/pca.png)", ""]
-    artifacts.write_text(out / "report.md", "\n".join(lines))
+        lines = [f"{v.name} ({v.method}, token weights {[round(w, 3) for w in v.plan['weights']]}):"]
+        lines += [f"group {k}: {', '.join(g)}" for k, g in enumerate(v.plan["groups"])]
+        blocks.append(Paragraph("\n".join(f"- {x}" if i else x for i, x in enumerate(lines))))
+    blocks += [Picture(Path("split/conflict.png"), "conflict matrix, ordered by group"),
+               Picture(Path("split/pca.png"), "PCA of the conflict matrix")]
+    blocks += [Heading("Per source"), per_source(results), Picture(Path("eval/per_source.png"), "in-mixture score per source")]
+    if any("transfer" in r for r in methods.values()):
+        per_source_bars({n: r["transfer"]["per_source"] for n, r in methods.items() if "transfer" in r},
+                        "transfer score per source", out / "eval" / "transfer.png")
+        blocks += [per_source(results, "transfer"), Picture(Path("eval/transfer.png"), "transfer score per source")]
+    diagnostics = sorted((out / "diagnose").glob("*.png")) if (out / "diagnose").is_dir() else []
+    if diagnostics:  # merit diagnose's plots (LMC curves, perturbation), when it ran on this folder
+        blocks.append(Heading("Diagnostics"))
+        blocks += [Picture(p.relative_to(out), p.stem.replace("_", " ")) for p in diagnostics]
+    artifacts.write_text(out / "report.md", to_markdown(blocks))
+    artifacts.write_text(out / "report.html", to_html(blocks, out, f"merit run: {out.name}"))

@@ -47,6 +47,7 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
     # What this machine cannot train (fp16 without CUDA, a kernel not installed, packing a VLM), and
     # processes per branch against the GPUs each branch is given.
     options.check_train_options(cfg.train, cfg.model, is_vlm=bool(is_vlm) or parts_at is not None)
+    options.check_report_to(cfg.train.report_to)
     from merit.launch.base import check_processes
 
     check_processes(cfg.launch)

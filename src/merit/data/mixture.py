@@ -65,9 +65,11 @@ def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source
         if vision:  # synthetic image tasks: pictures are drawn into the mixture folder with the JSONL files
             from merit.data.builtin_vision import TASKS
         names = cfg.builtin.tasks or list(TASKS)
-        unknown = [n for n in names if n not in TASKS]
-        if unknown:
-            raise ConfigError(f"mixture.builtin.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+        for field, given in (("tasks", names), ("exclude", cfg.builtin.exclude)):
+            unknown = [n for n in given if n not in TASKS]
+            if unknown:
+                raise ConfigError(f"mixture.builtin.{field}: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+        names = [n for n in names if n not in cfg.builtin.exclude]
         data_dir = Path(run_dir) / "mixture" / "data"
         sources = [Source(n, data_dir / "train" / f"{n}.jsonl", data_dir / "eval" / f"{n}.jsonl") for n in names]
         if not all(s.train.exists() and s.eval.exists() for s in sources):

@@ -21,13 +21,43 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=24)
     p.add_argument("--normalize", choices=["whitespace", "lower"], default="whitespace")
     p.add_argument("--length-normalized", action="store_true", help="rank MC choices by mean log-prob per token")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: float32 on CPU, bfloat16 (float16 without bf16 support) on a GPU")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--lm-eval-tasks", nargs="+", metavar="TASK",
+                   help="also run these lm-evaluation-harness tasks on the checkpoint (pip install 'merit-tune[lm-eval]')")
+    p.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="a folder of local lm-eval task YAMLs "
+                   "(e.g. from merit export-tasks)")
+    p.add_argument("--lm-eval-limit", type=positive_int, metavar="N", help="lm-eval items per task")
+    p.add_argument("--lm-eval-fewshot", type=int_at_least(0), metavar="N")
+    p.add_argument("--lm-eval-chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="lm-eval prompts through the chat template (off for merit export-tasks tasks: their "
+                        "prompts are already rendered)")
     p.add_argument("--out", type=Path, help="write the scores as JSON here")
+
+    x = sub.add_parser("export-tasks", help="write a run's held-out files as lm-evaluation-harness task YAMLs")
+    x.add_argument("run_dir", type=Path, metavar="RUN", help="a run folder (after its mixture stage)")
+    x.add_argument("--out", type=Path, required=True, help="the folder to write (replaced when complete)")
+    x.add_argument("--include", nargs="+", metavar="SOURCE", help="only these sources")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from merit import artifacts
+    from merit.evaluate.export import export_tasks
+
+    artifacts.check_output_dir(args.out)
+    tasks = export_tasks(args.run_dir, args.out, args.include)
+    print(f"wrote {len(tasks)} lm-eval tasks (group merit) to {args.out}; run them with\n"
+          f"  lm_eval --model hf --model_args pretrained=CHECKPOINT --include_path {args.out} --tasks merit\n"
+          f"or merit eval CHECKPOINT --mixture ... --lm-eval-tasks merit --lm-eval-include {args.out} "
+          "--no-lm-eval-chat-template")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from merit import artifacts
-    from merit.evaluate.runner import EvalSettings, evaluate_model, load_eval_model
+    from merit.evaluate.runner import EvalSettings, evaluate_model, load_eval_model, resolve_device, resolve_dtype
+    from merit.evaluate.stats import macro_interval
     from merit.merge.lora import is_adapter
     from merit.models.loading import load_tokenizer
 
@@ -61,15 +91,37 @@ def run(args: argparse.Namespace) -> int:
         from merit.preflight import check_weights
 
         check_weights(check_checkpoint(args.checkpoint))
+    harness_cfg = manager = None
+    if args.lm_eval_tasks:  # every task checked before the model is loaded
+        from merit.config import HarnessConfig
+        from merit.evaluate.harness import lm_eval_task_manager
+
+        if args.lm_eval_include is not None and not args.lm_eval_include.is_dir():
+            raise MeritError(f"--lm-eval-include: {args.lm_eval_include} is not a folder of task YAMLs")
+        harness_cfg = HarnessConfig(tasks=args.lm_eval_tasks, include_path=str(args.lm_eval_include)
+                                    if args.lm_eval_include else None, limit=args.lm_eval_limit,
+                                    num_fewshot=args.lm_eval_fewshot, apply_chat_template=args.lm_eval_chat_template,
+                                    batch_size=args.batch_size)
+        manager = lm_eval_task_manager(harness_cfg, key="--lm-eval-tasks")
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(tok_dir)
-    model = load_eval_model(args.checkpoint, args.dtype)
+    model = load_eval_model(args.checkpoint, resolve_dtype(args.dtype, "float32", device), device)
     settings = EvalSettings(args.max_length, args.batch_size, args.max_new_tokens, args.normalize,
                             args.length_normalized)
     result = evaluate_model(model, tokenizer, sources, settings, desc=f"eval {args.checkpoint.name}")
     width = max(len(n) for n in names)
     for n in names:
         print(f"{n:<{width}}  {result['metrics'][n]:<11}  {result['per_source'][n]:.4f}  loss {result['per_source_loss'][n]:.4f}")
-    print(f"{'macro':<{width}}  {'':<11}  {result['macro']:.4f}  loss {result['loss']:.4f}")
+    ci = macro_interval(result["items"])
+    print(f"{'macro':<{width}}  {'':<11}  {result['macro']:.4f}  loss {result['loss']:.4f}  "
+          f"(95% CI {ci.low:.4f}-{ci.high:.4f}, {sum(map(len, result['items'].values()))} items)")
+    result["ci"] = [ci.low, ci.high]
+    if harness_cfg is not None:
+        from merit.evaluate.harness import headline, run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(model, tokenizer, harness_cfg, manager, str(device))
+        for task, (metric, value) in headline(result["lm_eval"]).items():
+            print(f"lm-eval {task}  {metric}  {value:.4f}")
     if args.out:
         artifacts.write_json(args.out, {"checkpoint": str(args.checkpoint), "result": result})
     return 0

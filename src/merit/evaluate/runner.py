@@ -99,52 +99,117 @@ def generate(model, tokenizer, examples: list[dict], s: EvalSettings, batch_size
     return texts
 
 
+def item_scores(examples: list[dict], choose, generate_texts, reference, s: EvalSettings) -> list[float]:
+    """Each example's score in input order: 1/0 for the picked choice (multiple choice) or the exact
+    match of the greedy generation (the others). ``choose`` and ``generate_texts`` score a list of
+    examples; ``reference(ex)`` is the reference answer when an example gives no ``targets``."""
+    items = [0.0] * len(examples)
+    mc = [i for i, ex in enumerate(examples) if is_multiple_choice(ex)]
+    gen = [i for i, ex in enumerate(examples) if not is_multiple_choice(ex)]
+    if mc:
+        for i, (sums, lengths) in zip(mc, choose([examples[i] for i in mc])):
+            items[i] = float(pick_choice(sums, lengths, s.length_normalized) == examples[i]["answer_index"])
+    if gen:
+        for i, text in zip(gen, generate_texts([examples[i] for i in gen])):
+            items[i] = exact_match(text, targets_of(examples[i], reference(examples[i])), s.normalize)
+    return items
+
+
+def source_result(examples: list[dict], items: list[float], loss: float, count: int) -> dict:
+    mc = sum(is_multiple_choice(ex) for ex in examples)
+    return {"score": sum(items) / len(examples), "metric": "mc_accuracy" if mc >= len(examples) - mc else "exact_match",
+            "loss": loss / max(count, 1), "n": len(examples), "items": items}
+
+
 def evaluate_source(model, tokenizer, examples: list[dict], s: EvalSettings) -> dict:
     if getattr(tokenizer, "processor", None) is not None:  # a VLM: prompts carry images (merit.evaluate.vision)
         from merit.evaluate import vision
 
         return vision.evaluate_source(model, tokenizer, examples, s)
-    mc = [ex for ex in examples if is_multiple_choice(ex)]
-    gen = [ex for ex in examples if not is_multiple_choice(ex)]
-    correct = 0.0
-    if mc:
-        for ex, (sums, lengths) in zip(mc, choice_logprobs(model, tokenizer, mc, s)):
-            correct += pick_choice(sums, lengths, s.length_normalized) == ex["answer_index"]
-    if gen:
-        for ex, text in zip(gen, generate(model, tokenizer, gen, s)):
-            correct += exact_match(text, targets_of(ex, generation_prompt(tokenizer, ex["messages"])[1]), s.normalize)
-    loss, count = assistant_loss(model, tokenizer, examples, s)
-    metric = "mc_accuracy" if len(mc) >= len(gen) else "exact_match"
-    return {"score": correct / len(examples), "metric": metric, "loss": loss / max(count, 1), "n": len(examples)}
+    items = item_scores(examples, lambda exs: choice_logprobs(model, tokenizer, exs, s),
+                        lambda exs: generate(model, tokenizer, exs, s),
+                        lambda ex: generation_prompt(tokenizer, ex["messages"])[1], s)
+    return source_result(examples, items, *assistant_loss(model, tokenizer, examples, s))
 
 
-def evaluate_model(model, tokenizer, sources: dict[str, list[dict]], settings: EvalSettings, desc: str = "eval") -> dict:
-    """Per-source scores plus the macro score and the macro mean loss over sources."""
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def evaluate_model(model, tokenizer, sources: dict[str, list[dict]], settings: EvalSettings, desc: str = "eval",
+                   adaptive_batch: bool = False) -> dict:
+    """Per-source scores (and each item's) plus the macro score and the macro mean loss over sources.
+
+    ``adaptive_batch``: on out-of-memory, halve the batch size and score the source again (on a GPU,
+    ``eval.batch_size: auto`` starts high and settles on the largest size that fits)."""
+    from dataclasses import replace
+
     model.eval()
     per = {}
     for name, examples in tqdm(sources.items(), desc=desc, unit="source", disable=None):
-        per[name] = evaluate_source(model, tokenizer, examples, settings)
+        while True:
+            try:
+                per[name] = evaluate_source(model, tokenizer, examples, settings)
+                break
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not (adaptive_batch and _out_of_memory(e) and settings.batch_size > 1):
+                    raise
+                torch.cuda.empty_cache()
+                settings = replace(settings, batch_size=settings.batch_size // 2)
     return {
         "macro": sum(v["score"] for v in per.values()) / len(per),
         "loss": sum(v["loss"] for v in per.values()) / len(per),
         "per_source": {k: v["score"] for k, v in per.items()},
         "per_source_loss": {k: v["loss"] for k, v in per.items()},
         "metrics": {k: v["metric"] for k, v in per.items()},
+        "items": {k: v["items"] for k, v in per.items()},
+        "batch_size": settings.batch_size,
     }
 
 
-def load_eval_model(folder, dtype: str = "float32", **kw):
-    """A dense model from a checkpoint folder, or from a LoRA adapter folder on top of its base."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """``eval.device``: ``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    from merit.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"eval.device: {name} is not available here ({torch.cuda.device_count()} CUDA GPUs); "
+                          "use auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str, model_dtype: str, device: torch.device) -> str:
+    """``eval.dtype``: ``auto`` keeps ``model.dtype`` on CPU and uses bf16 (fp16 without bf16 support) on a GPU."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return model_dtype
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def resolve_batch_size(value: int | str, device: torch.device) -> tuple[int, bool]:
+    """(batch size, adaptive): ``auto`` is 64 on CPU, 512 halved on out-of-memory on a GPU."""
+    if value != "auto":
+        return int(value), False
+    return (512, True) if device.type == "cuda" else (64, False)
+
+
+def load_eval_model(folder, dtype: str = "float32", device: torch.device | str | None = None, **kw):
+    """A dense model from a checkpoint folder, or from a LoRA adapter folder on top of its base, on ``device``."""
     from pathlib import Path
 
     from merit.merge.lora import is_adapter
     from merit.models.loading import load_model
 
     if not is_adapter(Path(folder)):
-        return load_model(folder, dtype, **kw)
-    import json
+        model = load_model(folder, dtype, **kw)
+    else:
+        import json
 
-    from peft import PeftModel
+        from peft import PeftModel
 
-    base = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return PeftModel.from_pretrained(load_model(base, dtype, **kw), folder).merge_and_unload()
+        base = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_model(base, dtype, **kw), folder).merge_and_unload()
+    return model.to(device) if device is not None else model

@@ -14,8 +14,8 @@ from merit.conflict.estimate import model_inputs, summed_logprob_per_row, summed
 from merit.data.chat import IGNORE
 from merit.data.vision import (VisionCollator, VisionTokenized, prompt_for_generation, text_of,
                                tokenize_vision_conversation)
-from merit.evaluate.runner import _device
-from merit.evaluate.scoring import exact_match, is_multiple_choice, pick_choice, targets_of
+from merit.evaluate.runner import _device, item_scores, source_result
+from merit.evaluate.scoring import targets_of
 
 
 def _batches(model, collate: VisionCollator, rows: list, size: int):
@@ -99,16 +99,7 @@ def _reference(example: dict) -> str:
 def evaluate_source(model, tokenizer, examples: list[dict], s) -> dict:
     """Score one source's examples (``tokenizer`` is a ``merit.models.vlm.ProcessorTokenizer``)."""
     processor, pad_id = tokenizer.processor, tokenizer.pad_token_id
-    mc = [ex for ex in examples if is_multiple_choice(ex)]
-    gen = [ex for ex in examples if not is_multiple_choice(ex)]
-    correct = 0.0
-    if mc:
-        for ex, (sums, lengths) in zip(mc, choice_logprobs(model, processor, pad_id, mc, s)):
-            correct += pick_choice(sums, lengths, s.length_normalized) == ex["answer_index"]
-    if gen:
-        texts = generate(model, processor, pad_id, tokenizer.eos_token_id, gen, s)
-        for ex, text in zip(gen, texts):
-            correct += exact_match(text, targets_of(ex, _reference(ex)), s.normalize)
-    loss, count = assistant_loss(model, processor, pad_id, examples, s)
-    metric = "mc_accuracy" if len(mc) >= len(gen) else "exact_match"
-    return {"score": correct / len(examples), "metric": metric, "loss": loss / max(count, 1), "n": len(examples)}
+    items = item_scores(examples, lambda exs: choice_logprobs(model, processor, pad_id, exs, s),
+                        lambda exs: generate(model, processor, pad_id, tokenizer.eos_token_id, exs, s),
+                        _reference, s)
+    return source_result(examples, items, *assistant_loss(model, processor, pad_id, examples, s))

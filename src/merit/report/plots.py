@@ -55,6 +55,26 @@ def pca_scatter(scores: np.ndarray, sources: list[str], groups: list[list[str]],
     _save(fig, out)
 
 
+def per_source_bars(per_source: dict[str, dict[str, float]], title: str, out: Path) -> None:
+    """Grouped bars: each source's score (x) per method (colour); ``per_source`` is {method: {source: score}}."""
+    plt = _pyplot()
+    methods = list(per_source)
+    sources = list(next(iter(per_source.values())))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.35 * len(sources) * max(1, len(methods) / 3), 18), 4.2))
+    x = np.arange(len(sources))
+    for i, m in enumerate(methods):
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, [per_source[m].get(s, np.nan) for s in sources], width,
+               label=m)
+    ax.set_xticks(x, sources, rotation=90, fontsize=7)
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=min(len(methods), 6))
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, out)
+
+
 def _save(fig, out: Path) -> None:
     """Save under a temporary name, then rename: a kill mid-save never leaves half a picture."""
     import matplotlib.pyplot as plt

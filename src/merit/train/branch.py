@@ -42,6 +42,7 @@ class BranchJob:
     seed: int
     key: str
     save_steps: int | None = None  # Trainer checkpoint every N steps in ``work`` (resume); None: no checkpoints
+    tracking: options.Tracking | None = None  # train.report_to: where the training curves go
 
     @property
     def log(self) -> Path:
@@ -151,7 +152,8 @@ def _train(job: BranchJob, precision: str, *, progress: bool, report=None):
     examples = load_train(job.mixture, list(job.sources), tokenizer, job.mixture_cfg)
     state: dict = {}
     stats = train(model, tokenizer, examples, job.train_cfg, job.seed, precision=precision, desc=job.name,
-                  work_dir=job.work, save_steps=job.save_steps, progress=progress, report=report, state_out=state)
+                  work_dir=job.work, save_steps=job.save_steps, progress=progress, report=report, state_out=state,
+                  tracking=job.tracking)
     return model, tokenizer, stats, state.get("state_dict")
 
 

@@ -8,7 +8,11 @@ scaling for fp16), checkpointing, optimizers, workers and length grouping are it
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -118,8 +122,60 @@ def explain_precision(train: TrainConfig, model: ModelConfig) -> None:
              "most do; train.precision: bf16 keeps fp32 master weights")
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """Where a job logs its training curves (``train.report_to``): one run per branch / joint, grouped
+    by the run folder's name."""
+
+    report_to: tuple[str, ...]
+    log_dir: Path  # tensorboard event files: <run>/logs/<job folder>
+    run_name: str  # e.g. "demo/merit-r2-branch-1"
+    group: str  # the run folder's name
+
+    def env(self) -> dict[str, str]:
+        """The integrations read their grouping from the environment (set only around the training)."""
+        return {"TENSORBOARD_LOGGING_DIR": str(self.log_dir), "WANDB_RUN_GROUP": self.group,
+                "WANDB_PROJECT": os.environ.get("WANDB_PROJECT", "merit"),
+                "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", self.group),
+                "MLFLOW_RUN_NAME": self.run_name}
+
+
+@contextlib.contextmanager
+def tracking_env(tracking: Tracking | None):
+    before = {}
+    if tracking is not None:
+        tracking.log_dir.mkdir(parents=True, exist_ok=True)
+        for k, v in tracking.env().items():
+            before[k] = os.environ.get(k)
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_report_to(names: list[str]) -> None:
+    """Each tracker known to transformers and installed here (a ConfigError naming train.report_to)."""
+    if not names:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for i, name in enumerate(names):
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"train.report_to[{i}]: unknown tracker {name!r}; transformers knows "
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in get_available_reporting_integrations():
+            raise ConfigError(f"train.report_to[{i}]: {name} is not installed here; pip install {name} "
+                              "(or pip install 'merit-tune[tracking]' for tensorboard)")
+
+
 def training_arguments(train: TrainConfig, precision: str, *, output_dir: str, seed: int,
-                       save_steps: int | None = None, progress: bool = False):
+                       save_steps: int | None = None, progress: bool = False, tracking: Tracking | None = None):
     """The Trainer's arguments for one branch (or the joint baseline) in the resolved ``precision``;
     ``save_steps`` None: no checkpoints."""
     from transformers import TrainingArguments
@@ -162,7 +218,9 @@ def training_arguments(train: TrainConfig, precision: str, *, output_dir: str, s
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         save_total_limit=1,  # resume needs only the newest; a checkpoint holds weights + optimizer state
-        report_to="none",
+        report_to=list(tracking.report_to) if tracking and tracking.report_to else "none",
+        # trackio groups by project; the others by the environment (Tracking.env)
+        **({"run_name": tracking.run_name, "project": tracking.group} if tracking else {}),
         # Log every step so a NaN loss stops the run at once (unfiltered) and progress is exact.
         logging_strategy="steps",
         logging_steps=1,

@@ -28,7 +28,7 @@ from merit.data.tokens import lengths_of
 from merit.data.vision import VisionDataset, collator_for
 from merit.errors import MeritError
 from merit.train.health import StopOnStall
-from merit.train.options import MIXED, training_arguments
+from merit.train.options import MIXED, tracking_env, training_arguments
 
 
 class NonFiniteLoss(MeritError):
@@ -166,7 +166,8 @@ def set_precision(model, precision: str) -> None:
 
 def train(model, tokenizer, examples: Sequence[Tokenized], cfg: TrainConfig, seed: int, *, precision: str = "fp32",
           desc: str = "train", work_dir: Path | None = None, save_steps: int | None = None, progress: bool = True,
-          report: Callable[[dict], None] | None = None, state_out: dict | None = None) -> dict:
+          report: Callable[[dict], None] | None = None, state_out: dict | None = None,
+          tracking=None) -> dict:
     """Train ``model`` in place on ``examples`` for ``cfg.epochs`` and return what a manifest records.
 
     ``precision`` is the resolved ``train.precision`` (:func:`merit.train.options.check_train_options`):
@@ -188,6 +189,7 @@ def train(model, tokenizer, examples: Sequence[Tokenized], cfg: TrainConfig, see
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     set_precision(model, precision)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(tracking_env(tracking))  # the trackers' callbacks read it when the Trainer is made
         if work_dir is None:
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="merit-trainer-"))
             resume = None
@@ -196,7 +198,8 @@ def train(model, tokenizer, examples: Sequence[Tokenized], cfg: TrainConfig, see
             resume = last_checkpoint(work_dir)
         checkpoints = work_dir is not None and bool(save_steps)
         args = training_arguments(cfg, precision, output_dir=scratch, seed=seed,
-                                  save_steps=save_steps if checkpoints else None, progress=progress)
+                                  save_steps=save_steps if checkpoints else None, progress=progress,
+                                  tracking=tracking)
         # A VLM's batches also carry pixels and image fields (merit.data.vision); text keeps HF's collator.
         vision = collator_for(tokenizer)
         trainer = _Trainer(
