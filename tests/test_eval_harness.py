@@ -272,3 +272,20 @@ def test_the_vlm_reference_configs_list_the_papers_eight_benchmarks():
                               "mathvista_testmini", "mmmu_val"]
         assert h["model_args"]["max_pixels"] == 784 * 784  # the paper's training resolution
         assert load_config(root / name).eval.lmms_eval.model == "qwen2_5_vl"
+
+
+def test_report_html_renders_in_a_headless_browser(scored_run, tmp_path):
+    from merit.report.browser import find_browser, image_widths, screenshot
+
+    if find_browser() is None:
+        pytest.skip("no headless Chromium on this machine (the self-contained check above still ran)")
+    _, out, _ = scored_run
+    widths = image_widths(out / "report.html")
+    assert len(widths) >= 4 and all(w > 100 for w in widths), widths
+    png = screenshot(out / "report.html", tmp_path / "page.png", height=900)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (1200, 900)
+        colours = im.convert("L").getcolors(maxcolors=1 << 16)
+        assert colours is not None and len(colours) > 20  # text, tables and plots, not a blank page

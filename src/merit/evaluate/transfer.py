@@ -36,7 +36,7 @@ def transfer_sources(cfg: RunConfig, run_dir: Path, training: list) -> list[Tran
         found = _builtin(cfg, Path(run_dir) / "eval" / "transfer-data", {s.name for s in training})
         key = "eval.transfer.builtin"
     elif t.dir is not None:
-        found, key = _folder(Path(t.dir), t.include), "eval.transfer.dir"
+        found, key = folder_sources(Path(t.dir), t.include), "eval.transfer.dir"
     else:
         found, key = [], "eval.transfer.sources"
         for i, s in enumerate(t.sources or []):
@@ -52,7 +52,7 @@ def transfer_sources(cfg: RunConfig, run_dir: Path, training: list) -> list[Tran
     return found
 
 
-def _folder(root: Path, include: list[str] | None) -> list[TransferSource]:
+def folder_sources(root: Path, include: list[str] | None) -> list[TransferSource]:
     if not root.is_dir():
         raise ConfigError(f"eval.transfer.dir: {root} is not a folder; give a folder of <source>.jsonl files")
     folder = root / "eval" if (root / "eval").is_dir() else root

@@ -263,7 +263,7 @@ def _estimates(plan: Plan, cfg: RunConfig) -> None:
         plan.stages.append(("joint", est.seconds(est.train_flops(m, tokens * cfg.train.epochs, ckpt), hw,
                                                  plan.devices_per_branch, half), mem["total"], "the whole mixture"))
     methods = 1 + len(cfg.merge.operators) + (1 if cfg.baselines.joint else 0) + (1 if branches > k else 0)
-    items = sum(s.eval_items for s in plan.sources)
+    items = sum(s.eval_items for s in plan.sources) + transfer_items(cfg)
     eval_flops = methods * items * 2 * m.params * (per_example + cfg.eval.max_new_tokens)
     plan.stages.append(("eval", est.seconds(eval_flops, hw, 1, half, mfu=est.GENERATE_MFU), None,
                         f"{methods} models × {items} items (generation is memory-bound: rough)"))
@@ -373,3 +373,24 @@ def render(plan: Plan, short: bool = False) -> str:
     for text in plan.warnings:
         lines.append(f"warning: {text}")
     return "\n".join(lines)
+
+
+def transfer_items(cfg) -> int:
+    """Items of the transfer sets the evaluation scores per checkpoint (counted for the built-in ones and
+    for a folder; 0 for ``eval.transfer.sources``, whose files may be large datasets)."""
+    t = cfg.eval.transfer
+    if t is None:
+        return 0
+    cap = t.max_per_source or cfg.eval.max_per_source
+    if t.builtin is not None:
+        from merit.data.builtin import WARMUP_TASKS
+
+        warmup = len(WARMUP_TASKS) if t.builtin.warmup_tasks == "all" else len(t.builtin.warmup_tasks)
+        return (len(t.builtin.tasks) + warmup) * min(t.builtin.eval_per_task, cap or t.builtin.eval_per_task)
+    if t.dir is not None and Path(t.dir).is_dir():
+        from merit.evaluate.transfer import folder_sources
+
+        from merit.data import formats
+
+        return sum(formats.count_examples(s.reader(), cap) for s in folder_sources(Path(t.dir), t.include))
+    return 0
