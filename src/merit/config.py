@@ -171,16 +171,24 @@ class GradsConfig(_Section):
 class SplitConfig(_Section):
     method: str = "pca-median"
     """How sources become groups (``merit ls``): ``pca-median`` (the paper's), ``pca-median-tokens``,
-    ``kmeans``, ``random`` or ``manual``."""
+    ``pca-median-raw`` (PCA of the raw Gram matrix G Gᵀ, Table 20), ``conflict-greedy`` (K = 2, the
+    paper's conflict-induced baseline), ``kmeans``, ``random`` or ``manual``."""
     r: int = Field(2, ge=1, le=6)
     """Number of PCA axes; K = 2^r groups."""
     groups: list[list[str]] | None = None
     """With ``method: manual``: the groups as lists of source names; every source exactly once."""
+    greedy_rule: Literal["separate", "literal"] = "separate"
+    """``conflict-greedy``: each source joins the group it agrees with most (``separate``: conflicting
+    sources end up apart, the evident intent), or, read verbatim ("minimize average cosine similarity
+    within each group", paper A.1.3), the group it agrees with least (``literal``)."""
 
     @model_validator(mode="after")
     def _manual_groups(self) -> SplitConfig:
         if self.method == "manual" and not self.groups:
             raise ValueError("split.method=manual needs split.groups (lists of source names)")
+        if self.method == "conflict-greedy" and self.r != 1:
+            raise ValueError(f"split.method=conflict-greedy makes K = 2 groups (the paper's baseline); set "
+                             f"split.r: 1 (got {self.r})")
         if self.groups is not None:
             if self.method != "manual":
                 raise ValueError("split.groups is used only with split.method=manual")
@@ -347,9 +355,51 @@ class MergeConfig(_Section):
 
 class BaselinesConfig(_Section):
     joint: bool = True
-    """One run over the whole mixture with the same hyper-parameters and token budget."""
+    """One run over the whole mixture with the same hyper-parameters and token budget (row ``joint``)."""
     random: bool = True
-    """K balanced random groups, trained and merged like MERIT."""
+    """K balanced random groups, trained and merged like MERIT (rows ``random-k{K}``)."""
+    joint_epochs: list[float] | None = None
+    """Joint at several budgets (the paper's Table 2: 0.5 / 1 / 2 epochs): rows ``joint-{e}ep``; the value
+    equal to ``train.epochs`` is the ``joint`` row itself. Default: only ``joint``."""
+    random_k: list[int] | None = None
+    """Random splits at several K (powers of 2, Table 2: 2 / 4 / 8): rows ``random-k{K}``. Default: the main K."""
+    soups: list[int] | None = None
+    """Uniform soups of N full-data runs with different data orders (seeds ``seed``, ``seed + 1``, ...; the
+    first is the joint run), Table 2's soups of 2 / 3 / 4: rows ``soup-{N}``."""
+
+    @field_validator("joint_epochs")
+    @classmethod
+    def _positive_epochs(cls, v: list[float] | None) -> list[float] | None:
+        for i, e in enumerate(v or []):
+            if not e > 0:
+                raise ValueError(f"joint_epochs[{i}] = {e}: a joint budget must be > 0 epochs")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("joint_epochs: a budget is listed twice")
+        return v
+
+    @field_validator("random_k")
+    @classmethod
+    def _powers_of_two(cls, v: list[int] | None) -> list[int] | None:
+        for i, k in enumerate(v or []):
+            if k < 2 or k & (k - 1):
+                raise ValueError(f"random_k[{i}] = {k}: K must be a power of 2 ≥ 2 (recursive median splits)")
+        return v
+
+    @field_validator("soups")
+    @classmethod
+    def _soup_sizes(cls, v: list[int] | None) -> list[int] | None:
+        for i, n in enumerate(v or []):
+            if n < 2:
+                raise ValueError(f"soups[{i}] = {n}: a soup needs at least 2 runs")
+        return v
+
+    def epochs_rows(self, train_epochs: float) -> dict[str, float]:
+        """Row name → epochs of every joint run (``joint`` at ``train.epochs``)."""
+        rows = {"joint": train_epochs}
+        for e in self.joint_epochs or []:
+            if e != train_epochs:
+                rows[f"joint-{e:g}ep"] = e
+        return rows
 
 
 class TransferBuiltinConfig(_Section):

@@ -52,6 +52,7 @@ class Variant:
     method: str
     root: Path  # holds split/, branches/, merged/
     operators: list[str]
+    r: int = 1  # K = 2^r groups
     plan: dict = field(default_factory=dict)
     key: str = ""
 
@@ -73,6 +74,11 @@ def check(cfg: RunConfig) -> None:
     if not cfg.merge.operators:
         raise ConfigError("merge.operators: give at least one operator")
     registry.get("launcher", cfg.launch.kind, field="launch.kind")
+    if not cfg.baselines.joint:
+        for name in ("joint_epochs", "soups"):
+            if getattr(cfg.baselines, name):
+                raise ConfigError(f"baselines.{name}: needs baselines.joint: true (the joint run is "
+                                  f"{'the 1-epoch row' if name == 'joint_epochs' else 'the first soup member'})")
 
 
 def run(cfg: RunConfig, out: Path, until: str | None = None, *, gpu: str | None = None,
@@ -155,8 +161,11 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | 
         return None
     if cfg.baselines.joint:
         with timed("joint"):
-            joint = stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key)
-        checkpoints = {"base": checkpoints.pop("base"), "joint": joint, **checkpoints}
+            joints = stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key)
+        # Table 2's order: base, the joint budgets, the soups, then the splits and their merges
+        budgets = sorted((r for r in joints if not r.startswith("soup-")), key=lambda r: joint_epochs_of(cfg, r))
+        checkpoints = {"base": checkpoints.pop("base"), **{r: joints[r] for r in budgets},
+                       **{r: v for r, v in joints.items() if r.startswith("soup-")}, **checkpoints}
     if done("joint"):
         return None
     with timed("eval"):
@@ -327,30 +336,38 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     main_name = f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{k}"
     if cfg.split.method == "manual":
         main_name = f"manual-k{len(cfg.split.groups)}"
-    variants = [Variant(main_name, cfg.split.method, out, list(cfg.merge.operators))]
-    if cfg.baselines.random and cfg.split.method != "random":
-        variants.append(Variant(f"random-k{k}", "random", out / "baselines" / f"random-k{k}",
-                                [cfg.merge.operators[0]]))
+    variants = [Variant(main_name, cfg.split.method, out, list(cfg.merge.operators), cfg.split.r)]
+    if cfg.baselines.random:
+        for kr in cfg.baselines.random_k or [k]:
+            if cfg.split.method == "random" and kr == k:
+                continue  # the main split is this baseline already
+            variants.append(Variant(f"random-k{kr}", "random", out / "baselines" / f"random-k{kr}",
+                                    [cfg.merge.operators[0]], kr.bit_length() - 1))
 
     names, conflict = load_conflict(out / "grads")  # C as the grads stage cached it (incrementally)
     scores, explained = pca_scores(conflict, max(cfg.split.r, 2))
     entry = {e["name"]: e for e in mixture["sources"]}
     samples = np.array([entry[n]["samples"] for n in names])
     tokens = np.array([entry[n]["tokens"] for n in names])
+    # the stored vectors' norms: with C they give the raw Gram matrix G Gᵀ (split.method pca-median-raw)
+    stored = {e["name"]: e.get("norm", float("nan")) for e in artifacts.read_manifest(out / "grads")["sources"]}
+    norms = np.array([stored[n] for n in names], dtype=np.float64)
     for v in variants:
         stage = v.root / "split"
         manual = [cfg.split.groups] if v.method == "manual" else []
         # The token budgets decide the merge weights; only mixture.token_count changes them without
         # changing the gradients' key (added only when set, so earlier run folders keep their keys).
         budget = [cfg.mixture.token_count] if cfg.mixture.token_count != "all" else []
-        v.key = artifacts.fingerprint("split", v.method, grads_key, cfg.split.r, cfg.seed, *manual, *budget)
+        rule = [cfg.split.greedy_rule] if v.method == "conflict-greedy" else []
+        v.key = artifacts.fingerprint("split", v.method, grads_key, v.r, cfg.seed, *manual, *budget, *rule)
         if not artifacts.is_done(stage, v.key):
             artifacts.reset_stage(stage)
             method = registry.get("split", v.method, field="split.method")
-            groups = method(SplitInputs(conflict, samples, tokens, cfg.split.r, cfg.seed, names, cfg.split.groups))
+            groups = method(SplitInputs(conflict, samples, tokens, v.r, cfg.seed, names, cfg.split.groups,
+                                        gram=np.outer(norms, norms) * conflict, greedy_rule=cfg.split.greedy_rule))
             plan = {
                 "method": v.method,
-                "r": cfg.split.r,
+                "r": v.r,
                 "sources": names,
                 "groups": [[names[i] for i in g] for g in groups],
                 "samples": [int(samples[g].sum()) for g in groups],
@@ -375,7 +392,8 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     return variants
 
 
-def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key, run_dir: Path | None = None):
+def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key, run_dir: Path | None = None,
+               train_cfg=None, seed: int | None = None):
     """A self-contained job for any launcher: absolute paths (a Ray or Slurm worker has another working
     folder), the plan group's sources, the config sections that decide the result."""
     from merit.train.branch import BranchJob
@@ -392,7 +410,8 @@ def branch_job(cfg, out_dir, name, sources, mixture, theta0, theta0_hash, key, r
                                       for e in mixture["sources"]]}
     return BranchJob(name=name, out=Path(out_dir).absolute(), theta0=Path(theta0).absolute(),
                      theta0_hash=theta0_hash, sources=tuple(sources), mixture=mixture, mixture_cfg=cfg.mixture,
-                     train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed, key=key,
+                     train_cfg=train_cfg or cfg.train, model_cfg=cfg.model, seed=cfg.seed if seed is None else seed,
+                     key=key,
                      save_steps=cfg.launch.save_steps, tracking=tracking)
 
 
@@ -425,8 +444,37 @@ def branch_key(cfg, split_key: str, k: int, theta0_hash: str) -> str:
     return artifacts.fingerprint("branch", split_key, k, theta0_hash, *training_identity(cfg))
 
 
-def joint_key(cfg, theta0_key: str, mixture: dict) -> str:
-    return artifacts.fingerprint("joint", theta0_key, mixture["key"], *training_identity(cfg), cfg.seed)
+def joint_key(cfg, theta0_key: str, mixture: dict, epochs: float | None = None, seed: int | None = None) -> str:
+    """Identity of a full-data run: the joint baseline, or one at another budget (``epochs``) or data
+    order (``seed``: a soup member); at the config's own epochs and seed it is the joint key."""
+    train, model = training_identity(cfg)
+    if epochs is not None:
+        train["epochs"] = epochs
+    return artifacts.fingerprint("joint", theta0_key, mixture["key"], train, model, cfg.seed if seed is None else seed)
+
+
+@dataclass(frozen=True)
+class FullRun:
+    """One run over the whole mixture: the joint baseline, a joint budget of Table 2, or a soup member."""
+
+    row: str | None  # its results row (None: a soup member, scored only inside its soup)
+    folder: str  # relative to the run folder
+    epochs: float
+    seed: int
+
+
+def joint_epochs_of(cfg, row: str) -> float:
+    return cfg.baselines.epochs_rows(cfg.train.epochs)[row]
+
+
+def joint_runs(cfg) -> list[FullRun]:
+    """``joint`` at ``train.epochs``, ``joint-{e}ep`` per ``baselines.joint_epochs``, and the soup members
+    beyond the joint run (member i: seed + i, a different data order)."""
+    runs = [FullRun(row, "joint" if row == "joint" else f"baselines/{row}", e, cfg.seed)
+            for row, e in cfg.baselines.epochs_rows(cfg.train.epochs).items()]
+    runs += [FullRun(None, f"baselines/soups/{i}", cfg.train.epochs, cfg.seed + i)
+             for i in range(1, max(cfg.baselines.soups or [1]))]
+    return runs
 
 
 def stage_branches(cfg, out, variants, mixture, theta0, theta0_hash,
@@ -516,20 +564,47 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
     return merged
 
 
-def stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key) -> tuple[Path, str]:
-    """The joint baseline: one job over every source, launched like a branch (log: joint.log)."""
+def stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key) -> dict[str, tuple[Path, str]]:
+    """The full-data runs (joint, joint budgets, soup members), launched like branches (logs: joint.log,
+    baselines/<row>.log); then the uniform soups. Results rows → (folder, key)."""
     from merit.launch.base import BranchFailed, launch
 
-    folder = out / "joint"
     names = [e["name"] for e in mixture["sources"]]
-    key = joint_key(cfg, theta0_key, mixture)
-    if not artifacts.is_done(folder, key):
-        log(f"joint: training the joint baseline on the whole mixture with launcher {cfg.launch.kind!r}")
-        bad = launch([branch_job(cfg, folder, "joint", names, mixture, theta0, theta0_hash, key, run_dir=out)],
-                     cfg.launch)
+    runs, jobs = joint_runs(cfg), []
+    keys = {r.folder: joint_key(cfg, theta0_key, mixture, r.epochs, r.seed) for r in runs}
+    for r in runs:
+        folder = out / r.folder
+        if not artifacts.is_done(folder, keys[r.folder]):
+            train = cfg.train if r.epochs == cfg.train.epochs else cfg.train.model_copy(update={"epochs": r.epochs})
+            jobs.append(branch_job(cfg, folder, r.row or f"soup member {r.folder.rsplit('/', 1)[-1]}", names, mixture,
+                                   theta0, theta0_hash, keys[r.folder], run_dir=out, train_cfg=train, seed=r.seed))
+    if jobs:
+        log(f"joint: training {len(jobs)} run(s) on the whole mixture ({', '.join(j.name for j in jobs)}) with "
+            f"launcher {cfg.launch.kind!r}")
+        bad = launch(jobs, cfg.launch)
         if bad:
             raise BranchFailed(bad)
-    return folder, key
+    rows = {r.row: (out / r.folder, keys[r.folder]) for r in runs if r.row}
+    members = [out / "joint"] + [out / r.folder for r in runs if r.row is None]
+    member_keys = [keys["joint"]] + [keys[r.folder] for r in runs if r.row is None]
+    for n in cfg.baselines.soups or []:
+        rows[f"soup-{n}"] = stage_soup(out / "baselines" / f"soup-{n}", members[:n], member_keys[:n], cfg)
+    return rows
+
+
+def stage_soup(target: Path, members: list[Path], member_keys: list[str], cfg) -> tuple[Path, str]:
+    """A uniform soup (Wortsman et al. 2022) of full-data runs that differ only in data order."""
+    from merit.merge.checkpoint import merge_checkpoints
+
+    dtype = [cfg.merge.dtype] if cfg.merge.dtype else []
+    key = artifacts.fingerprint("soup", member_keys, *dtype)
+    if not artifacts.is_done(target, key):
+        log(f"joint: {target.name} (uniform average of {len(members)} full-data runs)")
+        info = merge_checkpoints(members, [1.0 / len(members)] * len(members), registry.get("merge", "uniform"),
+                                 target, dtype=cfg.merge.dtype)
+        artifacts.write_manifest(target, key, operator="uniform", branches=[str(m) for m in members],
+                                 weights=[1.0 / len(members)] * len(members), **info)
+    return target, key
 
 
 def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixture_key,
@@ -658,7 +733,15 @@ def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:
     methods = results["methods"]
     per_source_bars({n: r["per_source"] for n, r in methods.items()}, "in-mixture held-out score per source",
                     out / "eval" / "per_source.png")
-    blocks = [Heading(f"merit run: {out.name}", 1), comparison(results, title="")]
+    # The paper's table shapes: methods at equal budget (Table 2), then merge operators on the same
+    # branches (Table 12) when there are several.
+    operator_rows = [main.row(op) for op in main.operators if op != "token-weighted"]
+    methods_rows = [n for n in methods if n not in operator_rows]
+    blocks = [Heading(f"merit run: {out.name}", 1),
+              comparison(results, methods_rows, title="Methods at equal budget (the paper's Table 2)")]
+    if operator_rows:
+        blocks.append(comparison(results, [main.name] + operator_rows,
+                                 title="Merge operators on the same branches (the paper's Table 12)"))
     for part in ("lm_eval", "lmms_eval"):
         table = harness(results, part)
         if table is not None:

@@ -32,6 +32,10 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
     sources = mixture_stage.resolve_sources(cfg.mixture, out, cfg.seed)
     if len(sources) < cfg.groups:
         raise ConfigError(f"split.r={cfg.split.r} needs at least {cfg.groups} sources; the mixture has {len(sources)}")
+    for i, k in enumerate(cfg.baselines.random_k or []):
+        if len(sources) < k:
+            raise ConfigError(f"baselines.random_k[{i}]: K = {k} random groups need at least {k} sources; the "
+                              f"mixture has {len(sources)}")
     names = [s.name for s in sources]
     if cfg.split.method == "manual":
         from merit.split.partition import validate_manual_groups

@@ -242,7 +242,13 @@ def _estimates(plan: Plan, cfg: RunConfig) -> None:
     ckpt = cfg.train.gradient_checkpointing
     half = plan.precision != "fp32" and (hw.bf16 or plan.precision == "fp16")
     k = plan.groups
-    branches = k + (k if cfg.baselines.random and cfg.split.method != "random" else 0)
+    random_ks = [kr for kr in (cfg.baselines.random_k or [k]) if not (cfg.split.method == "random" and kr == k)] \
+        if cfg.baselines.random else []
+    branches = k + sum(random_ks)
+    # the full-data runs: joint at each budget, and the soup members beyond the joint run
+    joint_epochs = list(cfg.baselines.epochs_rows(cfg.train.epochs).values()) if cfg.baselines.joint else []
+    joint_epochs += [cfg.train.epochs] * (max(cfg.baselines.soups or [1]) - 1) if cfg.baselines.joint else []
+    soups = len(cfg.baselines.soups or []) if cfg.baselines.joint else 0
     if m is None:
         plan.stages.append(("all", None, None, f"θ(0) of preset {cfg.model.preset!r} is unknown until it is built"))
         return
@@ -259,10 +265,13 @@ def _estimates(plan: Plan, cfg: RunConfig) -> None:
     plan.stages.append(("branch (each)", branch_s, mem["total"],
                         f"{branches} branches, {plan.devices_per_branch} device(s) each; micro-batch "
                         f"{cfg.train.batch_size} × {cfg.mixture.max_length} tokens, {_sharding(cfg)}"))
-    if cfg.baselines.joint:
-        plan.stages.append(("joint", est.seconds(est.train_flops(m, tokens * cfg.train.epochs, ckpt), hw,
-                                                 plan.devices_per_branch, half), mem["total"], "the whole mixture"))
-    methods = 1 + len(cfg.merge.operators) + (1 if cfg.baselines.joint else 0) + (1 if branches > k else 0)
+    if joint_epochs:
+        plan.stages.append(("joint", est.seconds(est.train_flops(m, tokens * sum(joint_epochs), ckpt), hw,
+                                                 plan.devices_per_branch, half), mem["total"],
+                            "the whole mixture" + (f", {len(joint_epochs)} runs ({sum(joint_epochs):g} epochs in all)"
+                                                   if len(joint_epochs) > 1 else "")))
+    methods = 1 + len(cfg.merge.operators) + len(joint_epochs) - max(0, max(cfg.baselines.soups or [1]) - 1) \
+        + soups + len(random_ks)
     items = sum(s.eval_items for s in plan.sources) + transfer_items(cfg)
     eval_flops = methods * items * 2 * m.params * (per_example + cfg.eval.max_new_tokens)
     plan.stages.append(("eval", est.seconds(eval_flops, hw, 1, half, mfu=est.GENERATE_MFU), None,
@@ -273,9 +282,9 @@ def _estimates(plan: Plan, cfg: RunConfig) -> None:
     per_source = {"countsketch": 4 * cfg.grads.sketch_dim, "jl": 4 * cfg.grads.sketch_dim,
                   "stride": 4 * m.trainable / cfg.grads.stride, "none": 4 * m.trainable}.get(spec)
     plan.disk.append((f"gradient store ({spec})", None if per_source is None else per_source * len(plan.sources)))
-    folders = branches + (1 if cfg.baselines.joint else 0)
+    folders = branches + len(joint_epochs)
     plan.disk.append((f"{folders} branch/joint checkpoints", folders * m.params * save))
-    merges = len(cfg.merge.operators) + (1 if branches > k else 0)
+    merges = len(cfg.merge.operators) + len(random_ks) + soups
     plan.disk.append((f"{merges} merged checkpoints", merges * m.params * bytes_per[cfg.merge.dtype or
                                                                                   (cfg.train.save_dtype or cfg.model.dtype)]))
     plan.disk.append(("Trainer checkpoint of a running branch (resume)", m.params * save + 12 * m.trainable))

@@ -9,6 +9,12 @@
 - ``random``: the recursive weighted-median cuts along random scores, i.e. K sample-balanced random
   groups — the paper's random-split baseline.
 - ``manual``: the groups listed in ``split.groups``.
+- ``pca-median-raw``: ``pca-median`` on the raw Gram matrix K = G Gᵀ of the stored (unnormalised)
+  gradient vectors instead of their cosines (the paper's Table 20 ablation): sources with large
+  gradients dominate the axes.
+- ``conflict-greedy`` (K = 2, the paper's conflict-induced baseline, A.1.3): the most conflicting pair
+  (lowest cosine) seeds the two groups; then, one at a time, the unassigned source with the clearest
+  preference joins a group by ``split.greedy_rule``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class SplitInputs:
     seed: int
     names: list[str] | None = None  # (T,) source names, needed by ``manual``
     groups: list[list[str]] | None = None  # ``split.groups`` for ``manual``
+    gram: np.ndarray | None = None  # (T, T) G Gᵀ of the stored vectors, for ``pca-median-raw``
+    greedy_rule: str = "separate"  # ``split.greedy_rule`` for ``conflict-greedy``
 
 
 def weighted_median_cut(scores: np.ndarray, weights: np.ndarray, min_side: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +85,44 @@ def pca_median(x: SplitInputs) -> list[list[int]]:
 def pca_median_tokens(x: SplitInputs) -> list[list[int]]:
     scores, _ = pca_scores(x.conflict, x.r)
     return recursive_median_partition(scores, x.tokens)
+
+
+@register("split", "pca-median-raw")
+def pca_median_raw(x: SplitInputs) -> list[list[int]]:
+    if x.gram is None or not np.all(np.isfinite(x.gram)):
+        raise ConfigError("split.method=pca-median-raw needs the stored gradient norms (grads/manifest.json); "
+                          "rerun the grads stage")
+    scores, _ = pca_scores(x.gram, x.r)
+    return recursive_median_partition(scores, x.samples)
+
+
+def conflict_greedy_groups(conflict: np.ndarray, rule: str = "separate") -> list[list[int]]:
+    """Two groups from C: seeds are the most conflicting pair; each step assigns the unassigned source
+    whose mean cosine to the two groups differs most, to the group with the higher mean (``separate``)
+    or the lower one (``literal``). Ties go to the smaller index and to group 0."""
+    c = np.asarray(conflict, dtype=np.float64)
+    t = len(c)
+    if t < 2:
+        raise ValueError(f"{t} source(s) cannot form 2 groups")
+    off = c + np.diag(np.full(t, np.inf))
+    i, j = np.unravel_index(int(np.argmin(off)), off.shape)
+    groups = [[int(min(i, j))], [int(max(i, j))]]
+    left = [s for s in range(t) if s not in (i, j)]
+    while left:
+        mean = np.array([[c[s, g].mean() for g in groups] for s in left])  # (left, 2)
+        margin = mean[:, 0] - mean[:, 1]
+        pick = int(np.argmax(np.abs(margin)))  # first index on ties (argmax)
+        prefers_0 = margin[pick] >= 0
+        to = 0 if prefers_0 == (rule == "separate") else 1
+        groups[to].append(left.pop(pick))
+    return [sorted(g) for g in groups]
+
+
+@register("split", "conflict-greedy")
+def conflict_greedy(x: SplitInputs) -> list[list[int]]:
+    if x.r != 1:
+        raise ConfigError(f"split.method=conflict-greedy makes K = 2 groups; set split.r: 1 (got {x.r})")
+    return conflict_greedy_groups(x.conflict, x.greedy_rule)
 
 
 @register("split", "random")
