@@ -35,7 +35,7 @@ Block = Heading | Paragraph | Table | Picture
 
 STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;margin:.6em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
-th{background:#f3f3f3}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}p.note{font-size:12px;
+th{background:#f3f3f3}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}p.note{font-size:12px;
 color:#555;margin:.2em 0}img{max-width:100%;border:1px solid #eee;margin:.5em 0}h1{font-size:24px}h2{font-size:19px;
 border-bottom:1px solid #ddd;padding-bottom:3px}"""
 
