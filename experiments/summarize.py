@@ -46,7 +46,12 @@ def collect_transfer(folders: list[Path]) -> tuple[dict, list[str]]:
         if not (f / "config.yaml").exists():
             continue
         seed = yaml.safe_load((f / "config.yaml").read_text())["seed"]
-        for res in sorted((f / "transfer").glob("*.json")):
+        if (f / "results.json").exists():  # eval.transfer in the pipeline: the transfer block of each row
+            for name, r in json.loads((f / "results.json").read_text())["methods"].items():
+                if "transfer" in r:
+                    table.setdefault(name, {}).setdefault(seed, r["transfer"])
+                    sources = sources or list(r["transfer"]["per_source"])
+        for res in sorted((f / "transfer").glob("*.json")):  # run folders from before eval.transfer
             r = json.loads(res.read_text())["result"]
             table.setdefault(res.stem, {}).setdefault(seed, r)
             sources = sources or list(r["per_source"])

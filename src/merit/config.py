@@ -658,6 +658,17 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
         s.train = res(s.train, f"mixture.sources[{i}].train")
         s.eval = res(s.eval, f"mixture.sources[{i}].eval")
         s.image_root = res(s.image_root, f"mixture.sources[{i}].image_root")
+    t = cfg.eval.transfer
+    if t is not None:
+        t.dir = res(t.dir, "eval.transfer.dir")
+        for i, s in enumerate(t.sources or []):
+            s.train = res(s.train, f"eval.transfer.sources[{i}].train")
+            s.eval = res(s.eval, f"eval.transfer.sources[{i}].eval")
+            s.image_root = res(s.image_root, f"eval.transfer.sources[{i}].image_root")
+    for name in ("lm_eval", "lmms_eval"):
+        h = getattr(cfg.eval, name)
+        if h is not None:
+            h.include_path = res(h.include_path, f"eval.{name}.include_path")
 
 
 def dump_config(cfg: RunConfig) -> str:
