@@ -289,3 +289,12 @@ def test_report_html_renders_in_a_headless_browser(scored_run, tmp_path):
         assert im.size == (1200, 900)
         colours = im.convert("L").getcolors(maxcolors=1 << 16)
         assert colours is not None and len(colours) > 20  # text, tables and plots, not a blank page
+
+
+def test_headline_takes_a_metric_not_the_sample_count():
+    from merit.evaluate.harness import headline
+
+    results = {"results": {"gen": {"alias": "gen", "sample_len": 6, "exact_match,none": 0.5,
+                                   "exact_match_stderr,none": 0.2},
+                           "mc": {"sample_len": 6, "acc_norm,none": 0.4, "acc,none": 0.3}}}
+    assert headline(results) == {"gen": ("exact_match,none", 0.5), "mc": ("acc,none", 0.3)}

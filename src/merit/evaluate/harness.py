@@ -139,7 +139,8 @@ def headline(results: dict[str, Any]) -> dict[str, tuple[str, float]]:
     """Per task, its first reported metric (``acc,none`` before others): the number a table shows."""
     out = {}
     for task, metrics in results.get("results", {}).items():
-        keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"]
+        # lm-eval's metric keys are "<metric>,<filter>" (``sample_len``, ``alias`` and the like are not metrics)
+        keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and "," in k and "_stderr" not in k]
         if keys:
             best = next((k for k in keys if k.startswith("acc,")), keys[0])
             out[task] = (best, float(metrics[best]))
