@@ -524,16 +524,7 @@ def stage_joint(cfg, out, mixture, theta0, theta0_hash, theta0_key) -> tuple[Pat
 def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixture_key) -> dict:
     from merit.evaluate.runner import evaluate_model, load_eval_model
 
-    cap = cfg.eval.max_per_source
-    sources = {}
-    not_evaluated = [e["name"] for e in mixture["sources"] if not e["eval"]]
-    for e in mixture["sources"]:
-        if e["eval"]:
-            limits = [x for x in (cap, cfg.mixture.max_eval_per_source) if x]
-            sources[e["name"]] = formats.read_examples(mixture_stage.entry_reader(e, "eval"),
-                                                       min(limits) if limits else None)
-    if not sources:
-        raise ConfigError("eval: no source has an eval split; give eval files (mixture.sources[].eval or DIR/eval/)")
+    sources, not_evaluated = eval_examples(cfg, mixture)
     tokenizer = None
     methods = {}
     for name, (folder, ckpt_key) in checkpoints.items():
@@ -554,6 +545,27 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
         results["not_evaluated"] = not_evaluated
     artifacts.write_json(out / "results.json", results)
     return results
+
+
+def eval_examples(cfg: RunConfig, mixture: dict, side: str = "eval",
+                  cap: int | None = None) -> tuple[dict[str, list[dict]], list[str]]:
+    """The examples the eval stage scores, per source (``eval.max_per_source`` and
+    ``mixture.max_eval_per_source``, the first ones of each file), and the sources without an eval split.
+
+    ``merit diagnose`` reads the same examples so that its losses are results.json's; with ``side="train"``
+    it reads the same number of the first training examples (a fixed sample for the train/held-out gap).
+    ``cap`` lowers the per-source limit further.
+    """
+    not_evaluated = [e["name"] for e in mixture["sources"] if not e["eval"]]
+    sources = {}
+    for e in mixture["sources"]:
+        if e["eval"]:
+            limits = [x for x in (cfg.eval.max_per_source, cfg.mixture.max_eval_per_source, cap) if x]
+            sources[e["name"]] = formats.read_examples(mixture_stage.entry_reader(e, side),
+                                                       min(limits) if limits else None)
+    if not sources:
+        raise ConfigError("eval: no source has an eval split; give eval files (mixture.sources[].eval or DIR/eval/)")
+    return sources, not_evaluated
 
 
 def eval_settings(cfg: RunConfig):
