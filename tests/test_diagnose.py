@@ -220,6 +220,26 @@ def test_merged_loss_equals_results_json(tiny_run, diagnosed):
     assert diagnosed["merge_gain"]["random-k2"]["merged_loss"] == pytest.approx(results["random-k2"]["loss"], abs=1e-5)
 
 
+def test_model_curvature_matches_the_second_difference_of_the_loss(tiny_run):
+    """(θ_k − θ̄)ᵀ H (θ_k − θ̄) by double backward, batch by batch, equals the finite second difference of
+    the no-grad results.json loss along θ_k − θ̄: the HVP differentiates the loss that is measured."""
+    from merit.diagnose.cli import Evaluator, LazyCheckpoint, Settings, inspect_run
+
+    folder = inspect_run(tiny_run)
+    ev = Evaluator(folder, Settings(L.alpha_grid(3), None, None, [0.1], 1, None))
+    merged, branch = LazyCheckpoint(folder.main.merged), LazyCheckpoint(folder.main.branches[0])
+    d = {n: branch[n].float() - merged[n].float() for n in ev.floating}
+    ev.load(merged)
+    curvature, center = ev.curvature(d), ev.loss()
+    eps = 0.1
+    ev.set_weights(lambda n: merged[n] + eps * d[n] if n in d else merged[n])
+    plus = ev.loss()
+    ev.set_weights(lambda n: merged[n] - eps * d[n] if n in d else merged[n])
+    minus = ev.loss()
+    assert curvature > 0
+    assert curvature == pytest.approx((plus - 2 * center + minus) / eps ** 2, rel=0.03)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

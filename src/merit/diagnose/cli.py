@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sigmas", default=",".join(map(str, DEFAULT_SIGMAS)), metavar="S1,S2,...",
                    help="Gaussian perturbation scales, relative to each tensor's RMS (default 0.01,0.05,0.1)")
     p.add_argument("--draws", type=positive_int, default=3, help="seeded noise draws per σ (default 3)")
+    p.add_argument("--antithetic", action="store_true",
+                   help="evaluate each draw at +noise and −noise and average: cancels the first-order (gradient) "
+                        "term, so ΔL measures curvature even away from a minimum (twice the evaluations)")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the noise draws (default: the run's seed)")
     p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's)")
     return p
@@ -65,6 +68,7 @@ class Settings:
     sigmas: list[float]
     draws: int
     seed: int | None
+    antithetic: bool = False
 
 
 def parse_settings(args: argparse.Namespace) -> Settings:
@@ -81,7 +85,8 @@ def parse_settings(args: argparse.Namespace) -> Settings:
         raise MeritError(f"--sigmas: cannot read {args.sigmas!r}; write e.g. 0.01,0.05,0.1") from None
     if not sigmas or not all(0 < s < 10 for s in sigmas):
         raise MeritError(f"--sigmas {args.sigmas}: give one or more positive scales (relative to RMS), e.g. 0.01,0.05,0.1")
-    return Settings(alphas, args.max_per_source, args.calibration_size, sorted(sigmas), args.draws, args.seed)
+    return Settings(alphas, args.max_per_source, args.calibration_size, sorted(sigmas), args.draws, args.seed,
+                    bool(getattr(args, "antithetic", False)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -318,36 +323,37 @@ class Evaluator:
             per_source.append(total / max(count, 1))
         return sum(per_source) / len(per_source)
 
-    def hessian_vector_product(self, vector: dict[str, object]) -> dict[str, object]:
-        """H·v at the model's current weights, H the Hessian of the same macro loss on the calibration
-        examples; summed batch by batch (H is linear in the loss), so memory is one batch's graph."""
+    def curvature(self, vector: dict[str, object]) -> float:
+        """vᵀ H v at the model's current weights, H the Hessian of the same macro loss on the calibration
+        examples. Summed batch by batch (H is linear in the loss): each batch's H_b·v is dotted with v and
+        dropped, so memory is v, one batch's graph and one H_b·v, never an accumulated H·v."""
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         from merit.conflict.estimate import pad_batch, summed_token_loss
         from merit.data.chat import tokenize_conversation
-        from merit.diagnose.landscape import hessian_vector_product
+        from merit.diagnose.landscape import hessian_vector_product, quadratic_form
 
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         vec = [vector[n].to(device=p.device, dtype=p.dtype) if n in vector else torch.zeros_like(p) for n, p in named]
-        total = [torch.zeros_like(p) for p in params]
         s = self.settings
         sources = list(self.calibration.values())
+        total = 0.0
         # The math kernel: fused attention kernels (flash, memory-efficient) have no double backward.
         with sdpa_kernel(SDPBackend.MATH):
             for items in sources:
                 toks = [tokenize_conversation(self.tokenizer, ex["messages"], s.max_length) for ex in items]
                 toks = sorted((t for t in toks if t.loss_tokens > 0), key=lambda t: len(t.input_ids))
-                count = sum(t.loss_tokens for t in toks)
+                scale = 1.0 / (max(sum(t.loss_tokens for t in toks), 1) * len(sources))  # token mean, then source mean
                 for i in range(0, len(toks), s.batch_size):
                     batch = pad_batch(toks[i : i + s.batch_size], self.tokenizer.pad_token_id)
                     batch = {k: v.to(params[0].device) for k, v in batch.items()}
-                    scale = 1.0 / (max(count, 1) * len(sources))
                     hv = hessian_vector_product(lambda: summed_token_loss(self.model, batch)[0] * scale, params, vec)
-                    for acc, h in zip(total, hv):
-                        acc.add_(h)
-        return {n: h.cpu() for (n, _), h in zip(named, total)}
+                    total += quadratic_form(vec, hv)
+                    del hv
+        self.model.zero_grad(set_to_none=True)
+        return total
 
 
 # ------------------------------------------------------------------------------------------- diagnose
@@ -447,17 +453,23 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     if joint is not None:
         models["joint"] = (joint, joint_loss)
     perturbation = {"sigmas": settings.sigmas, "draws": settings.draws, "seed": seed,
-                    "relative_to": "each tensor's RMS", "models": {}}
+                    "relative_to": "each tensor's RMS",
+                    "antithetic": settings.antithetic, "models": {}}
     log(f"perturbation: {len(models)} models × {len(settings.sigmas)} σ × {settings.draws} draws")
     for label, (ckpt, clean) in models.items():
         rows = []
         for sigma in settings.sigmas:
             increases = []
             for draw in range(settings.draws):
-                gen = torch.Generator().manual_seed(seed * 1000 + draw)
-                # ev.names is a fixed order, so draw d's noise is the same tensor for every model and σ.
-                ev.set_weights(lambda n: _perturbed(ckpt[n], sigma, gen, L))
-                increases.append(ev.loss() - clean)
+                signs = (1.0, -1.0) if settings.antithetic else (1.0,)
+                perturbed = []
+                for sign in signs:
+                    # Reseeded per evaluation and ev.names in a fixed order: draw d's noise is the same
+                    # tensor for every model, σ and sign (common random numbers: differences are not noise).
+                    gen = torch.Generator().manual_seed(seed * 1000 + draw)
+                    ev.set_weights(lambda n: _perturbed(ckpt[n], sign * sigma, gen, L))
+                    perturbed.append(ev.loss())
+                increases.append(sum(perturbed) / len(perturbed) - clean)
             rows.append(increases)
         mean = [sum(r) / len(r) for r in rows]
         std = [(sum((x - m) ** 2 for x in r) / len(r)) ** 0.5 for r, m in zip(rows, mean)]
@@ -471,7 +483,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
         "run": str(folder.root),
         "settings": {"alphas": len(settings.alphas), "max_per_source": settings.max_per_source,
                      "calibration_size": settings.calibration_size, "sigmas": settings.sigmas,
-                     "draws": settings.draws, "seed": seed,
+                     "draws": settings.draws, "seed": seed, "antithetic": settings.antithetic,
                      "heldout_examples": {n: len(x) for n, x in ev.heldout.items()},
                      "train_examples": {n: len(x) for n, x in ev.train.items()},
                      "calibration_examples": {n: len(x) for n, x in ev.calibration.items()}},
@@ -511,12 +523,12 @@ def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: L
     ev.load(merged)
     curvatures = []
     started = time.time()
+    device = ev.state[ev.floating[0]].device
     for b in branches:
-        # (θ_k − θ̄) = (δ_k − δ̄): built tensor by tensor, one branch at a time (one extra model's worth).
-        d = {n: (b[n].to(torch.float32) - merged[n].to(torch.float32)) for n in ev.floating}
-        hv = ev.hessian_vector_product(d)
-        curvatures.append(L.quadratic_form([d[n] for n in hv if n in d], [hv[n] for n in hv if n in d]))
-        del d, hv
+        # θ_k − θ̄ (= δ_k − δ̄), built tensor by tensor, one branch at a time: one parameter-sized vector.
+        d = {n: b[n].to(device, torch.float32) - merged[n].to(device, torch.float32) for n in ev.floating}
+        curvatures.append(ev.curvature(d))
+        del d
     measured = L.measured_gain(merge.weights, branch_losses, merged_loss)
     predicted = L.predicted_gain(merge.weights, curvatures)
     log(f"gain {merge.name}: measured {measured:.4g}, predicted {predicted:.4g} "
