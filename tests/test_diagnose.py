@@ -223,10 +223,11 @@ def test_merged_loss_equals_results_json(tiny_run, diagnosed):
 def test_model_curvature_matches_the_second_difference_of_the_loss(tiny_run):
     """(θ_k − θ̄)ᵀ H (θ_k − θ̄) by double backward, batch by batch, equals the finite second difference of
     the no-grad results.json loss along θ_k − θ̄: the HVP differentiates the loss that is measured."""
-    from merit.diagnose.cli import Evaluator, LazyCheckpoint, Settings, inspect_run
+    from merit.diagnose.evaluator import Evaluator
+    from merit.diagnose.inputs import LazyCheckpoint, inspect_run
 
     folder = inspect_run(tiny_run)
-    ev = Evaluator(folder, Settings(L.alpha_grid(3), None, None, [0.1], 1, None))
+    ev = Evaluator(folder)
     merged, branch = LazyCheckpoint(folder.main.merged), LazyCheckpoint(folder.main.branches[0])
     d = {n: branch[n].float() - merged[n].float() for n in ev.floating}
     ev.load(merged)

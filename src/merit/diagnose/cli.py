@@ -22,17 +22,16 @@ settings and model dtype, so L(θ̄) here is the merge's ``loss`` in results.jso
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from merit.argtypes import int_at_least, nonnegative_int, positive_int
+from merit.diagnose.evaluator import Evaluator
+from merit.diagnose.inputs import LazyCheckpoint, Merge, RunFolder, inspect_run, log
 from merit.errors import MeritError
 
 DEFAULT_SIGMAS = (0.01, 0.05, 0.1)
-MERGE_OPERATOR = "token-weighted"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="evaluate each draw at +noise and −noise and average: cancels the first-order (gradient) "
                         "term, so ΔL measures curvature even away from a minimum (twice the evaluations)")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the noise draws (default: the run's seed)")
+    p.add_argument("--device", help="where the model runs (default: where the eval stage ran it, the CPU; "
+                   "another device can differ from results.json in the last digits)")
     p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's)")
     return p
 
@@ -69,6 +70,7 @@ class Settings:
     draws: int
     seed: int | None
     antithetic: bool = False
+    device: str | None = None
 
 
 def parse_settings(args: argparse.Namespace) -> Settings:
@@ -86,7 +88,7 @@ def parse_settings(args: argparse.Namespace) -> Settings:
     if not sigmas or not all(0 < s < 10 for s in sigmas):
         raise MeritError(f"--sigmas {args.sigmas}: give one or more positive scales (relative to RMS), e.g. 0.01,0.05,0.1")
     return Settings(alphas, args.max_per_source, args.calibration_size, sorted(sigmas), args.draws, args.seed,
-                    bool(getattr(args, "antithetic", False)))
+                    bool(getattr(args, "antithetic", False)), getattr(args, "device", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,255 +109,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def log(msg: str) -> None:
-    print(f"[merit] diagnose: {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------- the run folder
-
-
-@dataclass
-class Merge:
-    """One split's branches and their token-weighted merge."""
-
-    name: str  # results.json row, e.g. "merit-r1" or "random-k2"
-    branches: list[Path]  # the merged ones (a partial merge leaves some out)
-    indices: list[int]  # their group numbers in plan.json
-    weights: list[float]  # as the merge used them (renormalised when partial)
-    merged: Path
-
-
-@dataclass
-class RunFolder:
-    root: Path
-    cfg: object  # merit.config.RunConfig
-    mixture: dict  # mixture manifest with data paths resolved
-    theta0: Path
-    main: Merge
-    random: Merge | None
-    joint: Path | None
-    results: dict | None
-
-
-def inspect_run(root: Path) -> RunFolder:
-    """Everything diagnose reads, checked before any work; a MeritError naming the file otherwise."""
-    from merit import artifacts
-    from merit.config import load_config
-
-    if not root.is_dir():
-        raise MeritError(f"{root}: no such run folder")
-    if not (root / "config.yaml").is_file():
-        raise MeritError(f"{root}: not a merit run folder (no config.yaml); give the folder `merit run` wrote")
-    cfg = load_config(root / "config.yaml")
-    mixture = artifacts.read_manifest(root / "mixture")
-    if mixture is None:
-        raise MeritError(f"{root}/mixture: no finished mixture stage (no manifest.json); run the pipeline first")
-    for entry in mixture["sources"]:
-        for side in ("train", "eval"):
-            if entry.get(side):
-                entry[side] = str(_locate(entry[side], root))
-    main = _merge_of(root, root, _main_name(cfg))
-    theta0_manifest = artifacts.read_manifest(root / "theta0")
-    theta0_hash = (theta0_manifest or {}).get("hash")
-    _check_same_theta0(main, theta0_hash)
-    theta0 = _theta0_folder(root, theta0_manifest, main)
-    random = None
-    for base in sorted((root / "baselines").glob("random-k*")):
-        try:
-            random = _merge_of(root, base, base.name)
-        except MeritError as e:  # an unfinished baseline is left out, and said so
-            log(f"random-split baseline left out: {e}")
-            continue
-        _check_same_theta0(random, theta0_hash or _branch_hashes(main)[0][1])
-        break
-    joint = root / "joint" if artifacts.read_manifest(root / "joint") is not None else None
-    results = artifacts.read_json(root / "results.json") if (root / "results.json").is_file() else None
-    return RunFolder(root, cfg, mixture, theta0, main, random, joint, results)
-
-
-def _main_name(cfg) -> str:
-    """The results.json row of the main split's token-weighted merge (as pipeline.stage_split names it)."""
-    if cfg.split.method == "manual":
-        return f"manual-k{len(cfg.split.groups)}"
-    return f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{cfg.groups}"
-
-
-def _merge_of(root: Path, base: Path, name: str) -> Merge:
-    from merit import artifacts
-    from merit.merge.lora import is_adapter
-
-    where = base.relative_to(root.parent) if base.is_relative_to(root.parent) else base
-    plan_file = base / "split" / "plan.json"
-    if not plan_file.is_file():
-        raise MeritError(f"{where}: no split/plan.json; run `merit run` at least to --until merge first")
-    plan = artifacts.read_json(plan_file)
-    merged = base / "merged" / MERGE_OPERATOR
-    manifest = artifacts.read_manifest(merged)
-    if manifest is None:
-        raise MeritError(f"{where}/merged/{MERGE_OPERATOR}: no finished token-weighted merge (no manifest.json); "
-                         "run `merit run` to --until merge first")
-    missing = set(manifest.get("missing") or [])
-    indices = [k for k in range(len(plan["groups"])) if k not in missing]
-    branches = [base / "branches" / str(k) for k in indices]
-    for b in branches:
-        if artifacts.read_manifest(b) is None:
-            raise MeritError(f"{where}/branches/{b.name}: no finished branch (no manifest.json); "
-                             "train it (`merit run` resumes) before diagnosing")
-        if is_adapter(b):
-            raise MeritError(f"{where}/branches/{b.name}: a LoRA adapter; merit diagnose needs dense branch checkpoints")
-    if len(branches) < 2:
-        raise MeritError(f"{where}: the merge has {len(branches)} branch; diagnosing a merge needs at least 2")
-    weights = [float(w) for w in manifest.get("weights") or [plan["weights"][k] for k in indices]]
-    return Merge(name, branches, indices, weights, merged)
-
-
-def _branch_hashes(merge: Merge) -> list[tuple[Path, str | None]]:
-    from merit import artifacts
-
-    return [(b, artifacts.read_manifest(b).get("theta0_hash")) for b in merge.branches]
-
-
-def _check_same_theta0(merge: Merge, theta0_hash: str | None) -> None:
-    """Branches of one merge must start from the same θ(0) (and from this run's, when it is recorded):
-    otherwise displacements and the gain's Taylor expansion compare unrelated points."""
-    hashes = _branch_hashes(merge)
-    reference = theta0_hash or hashes[0][1]
-    for folder, h in hashes:
-        if h != reference:
-            what = "this run's θ(0)" if theta0_hash else f"{hashes[0][0].name}'s"
-            raise MeritError(f"{folder}/manifest.json: trained from θ(0) {str(h)[:12]}…, not {what} "
-                             f"{str(reference)[:12]}…; the branches of a merge must share θ(0)")
-
-
-def _theta0_folder(root: Path, manifest: dict | None, main: Merge) -> Path:
-    from merit import artifacts
-
-    candidates = []
-    if manifest is not None:
-        candidates.append(_locate(manifest.get("path", root / "theta0"), root))
-    candidates.append(Path(artifacts.read_manifest(main.branches[0]).get("theta0", root / "theta0")))
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    raise MeritError(f"{root}/theta0: θ(0) not found (looked in {', '.join(map(str, candidates))})")
-
-
-def _locate(recorded: str | Path, root: Path) -> Path:
-    """A path a manifest recorded, relative to where `merit run` ran: as it is when it exists from here,
-    else its tail inside the run folder (``run/mixture/data/...`` → ``RUN/mixture/data/...``)."""
-    p = Path(recorded)
-    if p.is_absolute() or p.exists():
-        return p
-    for i in range(len(p.parts)):
-        candidate = root.joinpath(*p.parts[i:])
-        if candidate.exists():
-            return candidate
-    return p
-
-
-# ----------------------------------------------------------------------------------------- the model
-
-
-class LazyCheckpoint:
-    """A checkpoint's tensors by name, read one at a time from its (memory-mapped) safetensors files."""
-
-    def __init__(self, folder: Path):
-        from merit.merge import safetensors_io as st
-
-        self.folder = folder
-        self.entries = st.checkpoint_tensors(folder)
-        self._files: dict[Path, object] = {}
-
-    def __getitem__(self, name: str):
-        from safetensors import safe_open
-
-        file = self.entries[name].file
-        if file not in self._files:
-            self._files[file] = safe_open(str(file), framework="pt")
-        return self._files[file].get_tensor(name)
-
-
-class Evaluator:
-    """One model, loaded once from the merge, whose weights are overwritten in place for every point."""
-
-    def __init__(self, folder: RunFolder, settings: Settings):
-        import torch
-
-        from merit.evaluate.runner import load_eval_model
-        from merit.models.loading import load_tokenizer
-        from merit.pipeline import eval_examples, eval_settings
-
-        cfg = folder.cfg
-        self.settings = eval_settings(cfg)
-        self.heldout, _ = eval_examples(cfg, folder.mixture, "eval", settings.max_per_source)
-        # A fixed sample of training data, as many examples per source as held out (the gap's other side).
-        self.train, _ = eval_examples(cfg, folder.mixture, "train", settings.max_per_source)
-        self.calibration = {n: ex[: settings.calibration_size] for n, ex in self.heldout.items()}
-        self.tokenizer = load_tokenizer(folder.main.merged)
-        self.model = load_eval_model(folder.main.merged, cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        self.model.eval()
-        self.seed = cfg.seed
-        self.state = self.model.state_dict()  # name -> tensor sharing the parameter's storage
-        names = LazyCheckpoint(folder.main.merged).entries
-        self.names = [n for n in names if n in self.state]
-        if not self.names:
-            raise MeritError(f"{folder.main.merged}: no tensor name of the checkpoint matches the model's parameters")
-        self.floating = [n for n in self.names if self.state[n].is_floating_point()]
-        self._torch = torch
-
-    def set_weights(self, tensor_of: Callable[[str], object]) -> None:
-        with self._torch.no_grad():
-            for name in self.names:
-                self.state[name].copy_(tensor_of(name))
-
-    def load(self, checkpoint: LazyCheckpoint) -> None:
-        self.set_weights(checkpoint.__getitem__)
-
-    def loss(self, examples: dict[str, list[dict]] | None = None) -> float:
-        """results.json's loss: mean over sources of each source's token-mean assistant loss."""
-        from merit.evaluate.runner import assistant_loss
-
-        examples = self.heldout if examples is None else examples
-        self._torch.manual_seed(self.seed)  # as stage_eval (the loss is deterministic; kept for parity)
-        per_source = []
-        for items in examples.values():
-            total, count = assistant_loss(self.model, self.tokenizer, items, self.settings)
-            per_source.append(total / max(count, 1))
-        return sum(per_source) / len(per_source)
-
-    def curvature(self, vector: dict[str, object]) -> float:
-        """vᵀ H v at the model's current weights, H the Hessian of the same macro loss on the calibration
-        examples. Summed batch by batch (H is linear in the loss): each batch's H_b·v is dotted with v and
-        dropped, so memory is v, one batch's graph and one H_b·v, never an accumulated H·v."""
-        import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        from merit.conflict.estimate import pad_batch, summed_token_loss
-        from merit.data.chat import tokenize_conversation
-        from merit.diagnose.landscape import hessian_vector_product, quadratic_form
-
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        vec = [vector[n].to(device=p.device, dtype=p.dtype) if n in vector else torch.zeros_like(p) for n, p in named]
-        s = self.settings
-        sources = list(self.calibration.values())
-        total = 0.0
-        # The math kernel: fused attention kernels (flash, memory-efficient) have no double backward.
-        with sdpa_kernel(SDPBackend.MATH):
-            for items in sources:
-                toks = [tokenize_conversation(self.tokenizer, ex["messages"], s.max_length) for ex in items]
-                toks = sorted((t for t in toks if t.loss_tokens > 0), key=lambda t: len(t.input_ids))
-                scale = 1.0 / (max(sum(t.loss_tokens for t in toks), 1) * len(sources))  # token mean, then source mean
-                for i in range(0, len(toks), s.batch_size):
-                    batch = pad_batch(toks[i : i + s.batch_size], self.tokenizer.pad_token_id)
-                    batch = {k: v.to(params[0].device) for k, v in batch.items()}
-                    hv = hessian_vector_product(lambda: summed_token_loss(self.model, batch)[0] * scale, params, vec)
-                    total += quadratic_form(vec, hv)
-                    del hv
-        self.model.zero_grad(set_to_none=True)
-        return total
-
-
 # ------------------------------------------------------------------------------------------- diagnose
 
 
@@ -364,9 +117,8 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     import torch
 
     from merit.diagnose import landscape as L
-
     started = time.time()
-    ev = Evaluator(folder, settings)
+    ev = Evaluator(folder, settings.max_per_source, settings.calibration_size, settings.device)
     main = folder.main
     theta0 = LazyCheckpoint(folder.theta0)
     merged = LazyCheckpoint(main.merged)
