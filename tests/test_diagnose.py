@@ -208,6 +208,12 @@ def test_diagnose_json_has_every_number(tiny_run, diagnosed):
     for row in table["models"].values():
         assert len(row["delta_loss"]) == 3 and all(len(r) == 2 for r in row["delta_loss"])
         assert row["auc"] == pytest.approx(L.flatness_auc(table["sigmas"], row["mean"]))
+    assert table["antithetic"] is True  # the default: ± pairs
+    verdict = {c["check"]: c for c in d["checks"]}
+    assert verdict["parallel_axis_relative_error"]["passed"] is True
+    assert verdict["merged_loss_vs_results_json"]["passed"] is True
+    assert {"lmc_barrier_relative", "displacement_joint_over_merged", "gain_measured_over_predicted[merit-r1]",
+            "gain_measured_over_predicted[random-k2]", "flatness_auc_merged_minus_joint"} <= set(verdict)
     assert (tiny_run / "diagnose/lmc.png").stat().st_size > 0
     assert (tiny_run / "diagnose/perturbation.png").stat().st_size > 0
 

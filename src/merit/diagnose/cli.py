@@ -33,6 +33,12 @@ from merit.errors import MeritError
 
 DEFAULT_SIGMAS = (0.01, 0.05, 0.1)
 
+# What the checks in diagnose.json hold each number against (docs/diagnostics.md says why each is where it is).
+BARRIER_TOLERANCE = 0.01  # largest barrier, relative to the mean loss of the path's ends: the paper's are 0.0
+PARALLEL_AXIS_TOLERANCE = 1e-9  # relative residual of an exact identity: only rounding (float64 sums) may remain
+RESULTS_TOLERANCE = 1e-5  # |L(θ̄) − results.json's loss|: the same loss on the same examples
+GAIN_RATIO_RANGE = (0.5, 2.0)  # measured / predicted gain: the quadratic model explains the gain within 2×
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -51,9 +57,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sigmas", default=",".join(map(str, DEFAULT_SIGMAS)), metavar="S1,S2,...",
                    help="Gaussian perturbation scales, relative to each tensor's RMS (default 0.01,0.05,0.1)")
     p.add_argument("--draws", type=positive_int, default=3, help="seeded noise draws per σ (default 3)")
-    p.add_argument("--antithetic", action="store_true",
-                   help="evaluate each draw at +noise and −noise and average: cancels the first-order (gradient) "
-                        "term, so ΔL measures curvature even away from a minimum (twice the evaluations)")
+    p.add_argument("--no-antithetic", dest="antithetic", action="store_false", default=True,
+                   help="one evaluation per draw at +noise only (half the cost). By default each draw is "
+                        "evaluated at +noise and −noise and averaged: the same expected ΔL, without the "
+                        "first-order (gradient) term's variance, which dominates away from a minimum")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the noise draws (default: the run's seed)")
     p.add_argument("--device", help="where the model runs (default: where the eval stage ran it, the CPU; "
                    "another device can differ from results.json in the last digits)")
@@ -69,7 +76,7 @@ class Settings:
     sigmas: list[float]
     draws: int
     seed: int | None
-    antithetic: bool = False
+    antithetic: bool = True
     device: str | None = None
 
 
@@ -88,7 +95,7 @@ def parse_settings(args: argparse.Namespace) -> Settings:
     if not sigmas or not all(0 < s < 10 for s in sigmas):
         raise MeritError(f"--sigmas {args.sigmas}: give one or more positive scales (relative to RMS), e.g. 0.01,0.05,0.1")
     return Settings(alphas, args.max_per_source, args.calibration_size, sorted(sigmas), args.draws, args.seed,
-                    bool(getattr(args, "antithetic", False)), getattr(args, "device", None))
+                    bool(getattr(args, "antithetic", True)), getattr(args, "device", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,7 +259,41 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
         "perturbation": perturbation,
         "seconds": round(time.time() - started, 2),
     }
+    report["checks"] = checks(report)
     return report, curves, perturbation
+
+
+def checks(report: dict) -> list[dict]:
+    """Each merge-readiness check: its value, what it is held against, and whether it passes (None: the
+    number is missing, e.g. no joint run). Readings, not gates: the command exits 0 either way."""
+    rows = []
+
+    def add(name: str, value, threshold: str, passed) -> None:
+        rows.append({"check": name, "value": value, "threshold": threshold,
+                     "passed": None if passed is None else bool(passed)})
+
+    worst = max(report["lmc"]["paths"], key=lambda p: p["barrier"])
+    scale = (worst["losses"][0] + worst["losses"][-1]) / 2
+    add("lmc_barrier_relative", worst["barrier"] / scale if scale else None, f"≤ {BARRIER_TOLERANCE}",
+        worst["barrier"] <= BARRIER_TOLERANCE * scale)
+    pa = report["displacement"]["parallel_axis"]
+    add("parallel_axis_relative_error", pa["relative_error"], f"≤ {PARALLEL_AXIS_TOLERANCE}",
+        pa["relative_error"] <= PARALLEL_AXIS_TOLERANCE)
+    diff = report["losses"]["results_json_difference"]
+    add("merged_loss_vs_results_json", diff, f"|·| ≤ {RESULTS_TOLERANCE} (same examples as the eval stage)",
+        None if diff is None or report["settings"]["max_per_source"] else abs(diff) <= RESULTS_TOLERANCE)
+    ratio = report["displacement"]["joint_over_merged"]
+    add("displacement_joint_over_merged", ratio, "> 1 (the merge moved less than joint; paper: 2.4–2.9×)",
+        None if ratio is None else ratio > 1)
+    for name, g in report["merge_gain"].items():
+        low, high = GAIN_RATIO_RANGE
+        add(f"gain_measured_over_predicted[{name}]", g["ratio"], f"in [{low}, {high}]",
+            None if g["ratio"] is None else low <= g["ratio"] <= high)
+    table = report["perturbation"]["models"]
+    if "joint" in table:
+        add("flatness_auc_merged_minus_joint", table["merged"]["auc"] - table["joint"]["auc"],
+            "< 0 (the merge is flatter)", table["merged"]["auc"] < table["joint"]["auc"])
+    return rows
 
 
 def _gap(train: float, heldout: float) -> dict:
@@ -331,7 +372,8 @@ def perturbation_plot(perturbation: dict, path: Path) -> None:
                     label=f"{label} (AUC {row['auc']:.3g})")
     ax.set_xlabel("σ (relative to each tensor's RMS)")
     ax.set_ylabel("ΔL (held-out loss increase)")
-    ax.set_title(f"Gaussian weight perturbation, {perturbation['draws']} draws")
+    pairs = " (± pairs)" if perturbation.get("antithetic") else ""
+    ax.set_title(f"Gaussian weight perturbation, {perturbation['draws']} draws{pairs}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
@@ -352,4 +394,8 @@ def summary(report: dict) -> str:
         lines.append(f"  merge gain {name}: measured {g['measured']:.4g}, predicted {g['predicted']:.4g}, ratio {ratio}")
     for label, row in report["perturbation"]["models"].items():
         lines.append(f"  flatness AUC {label}: {row['auc']:.4g}")
+    marks = {True: "ok  ", False: "FAIL", None: "n/a "}
+    for c in report.get("checks", []):
+        value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
+        lines.append(f"  [{marks[c['passed']]}] {c['check']} = {value}  ({c['threshold']})")
     return "\n".join(lines)
