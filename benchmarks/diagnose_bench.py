@@ -13,8 +13,10 @@ that width (to see memory scale with the model). Then, in this process:
 - one HVP: (θ_0 − θ̄)ᵀ H (θ_0 − θ̄) at θ̄ by double backward over the calibration examples.
 
 Peak memory is the process's resident high-water mark (``VmHWM``), reset before each piece through
-``/proc/self/clear_refs`` where Linux allows it, so each row's peak is that piece's own; "model" is the
-bytes of the parameters, to read the peaks against (the design: one model plus a few tensors for a
+``/proc/self/clear_refs`` where Linux allows it, so each row's peak is that piece's own; it counts the
+file pages of the memory-mapped checkpoints read (page cache the kernel can drop), so the anonymous
+peak (``RssAnon``, sampled every 2 ms) is given beside it. "model" is the bytes of the parameters, to
+read the peaks against (the design: one model plus a few tensors for a
 path, plus about three parameter-sized fp32 buffers and one batch's graph for an HVP). Prints one
 Markdown table; record it in benchmarks/diagnose_results.md with the command and the machine.
 """
@@ -37,6 +39,29 @@ def rss_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class AnonPeak:
+    """Peak anonymous resident memory (RssAnon: what the process allocated, not file pages of memory-
+    mapped checkpoints, which the kernel can drop), sampled every 2 ms in a thread during a piece."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = rss_mb("RssAnon"), threading.Event()
+        self.before = self.peak
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mb("RssAnon"))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb("RssAnon"))
 
 
 def reset_peak() -> bool:
@@ -97,8 +122,10 @@ def main() -> None:
         rows = []
         resettable = reset_peak()
         start, before = time.perf_counter(), rss_mb("VmRSS")
-        ev = Evaluator(folder, args.max_per_source)
-        rows.append(("setup (model + examples)", time.perf_counter() - start, before, rss_mb("VmHWM")))
+        with AnonPeak() as anon:
+            ev = Evaluator(folder, args.max_per_source)
+            ev.load(LazyCheckpoint(folder.main.merged))  # touch every weight: a lazily mapped load costs here
+        rows.append(("setup (model + examples)", time.perf_counter() - start, before, rss_mb("VmHWM"), anon))
         params = sum(t.numel() * t.element_size() for t in ev.state.values()) / 2**20
         examples = sum(map(len, ev.heldout.values()))
 
@@ -107,18 +134,21 @@ def main() -> None:
         reset_peak()
         start, before = time.perf_counter(), rss_mb("VmRSS")
         losses = []
-        for alpha in alphas:
-            ev.set_weights(lambda n: L.interpolate(a[n], b[n], alpha))
-            losses.append(ev.loss())
-        rows.append((f"one LMC path ({len(alphas)} points)", time.perf_counter() - start, before, rss_mb("VmHWM")))
+        with AnonPeak() as anon:
+            for alpha in alphas:
+                ev.set_weights(lambda n: L.interpolate(a[n], b[n], alpha))
+                losses.append(ev.loss())
+        rows.append((f"one LMC path ({len(alphas)} points)", time.perf_counter() - start, before, rss_mb("VmHWM"),
+                     anon))
 
         merged = LazyCheckpoint(folder.main.merged)
         ev.load(merged)
         d = {n: a[n].float() - merged[n].float() for n in ev.floating}
         reset_peak()
         start, before = time.perf_counter(), rss_mb("VmRSS")
-        curvature = ev.curvature(d)
-        rows.append(("one HVP (curvature)", time.perf_counter() - start, before, rss_mb("VmHWM")))
+        with AnonPeak() as anon:
+            curvature = ev.curvature(d)
+        rows.append(("one HVP (curvature)", time.perf_counter() - start, before, rss_mb("VmHWM"), anon))
 
     print(f"machine: {machine()}")
     built = f"built, hidden {args.hidden} × {args.layers} layers" if args.hidden else "built, tiny preset"
@@ -128,10 +158,10 @@ def main() -> None:
     if torch.cuda.is_available():
         print(f"cuda max allocated: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     print()
-    print("| piece | seconds | RSS before (MiB) | peak RSS (MiB) | peak − before (MiB) |")
-    print("|---|---|---|---|---|")
-    for name, seconds, before, peak in rows:
-        print(f"| {name} | {seconds:.2f} | {before:.0f} | {peak:.0f} | {peak - before:.0f} |")
+    print("| piece | seconds | RSS before (MiB) | peak RSS (MiB) | peak − before (MiB) | anonymous peak − before (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for name, seconds, before, peak, anon in rows:
+        print(f"| {name} | {seconds:.2f} | {before:.0f} | {peak:.0f} | {peak - before:.0f} | {anon.peak - anon.before:.0f} |")
 
 
 if __name__ == "__main__":

@@ -162,9 +162,18 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+def _weight_hashes(run: Path) -> dict[str, str]:
+    from merit.artifacts import file_sha256
+
+    return {str(p.relative_to(run)): file_sha256(p) for p in sorted(run.rglob("*.safetensors"))}
+
+
 @pytest.fixture(scope="module")
 def diagnosed(tiny_run) -> dict:
+    before = _weight_hashes(tiny_run)
     assert main(["diagnose", str(tiny_run), "--alphas", "5", "--draws", "2"]) == 0
+    # Weights are set in place in a loaded model: no checkpoint on disk may change (e.g. through a mapping).
+    assert _weight_hashes(tiny_run) == before and len(before) >= 7
     return json.loads((tiny_run / "diagnose/diagnose.json").read_text())
 
 
@@ -295,3 +304,12 @@ def test_branches_from_different_theta0_are_refused(tiny_run, tmp_path, capsys):
     manifest.write_text(json.dumps(m))
     msg = _refused(capsys, run)
     assert "branches/1/manifest.json" in msg and "must share θ(0)" in msg
+
+
+def test_joint_from_another_theta0_is_refused(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    manifest = run / "joint/manifest.json"
+    m = json.loads(manifest.read_text())
+    m["theta0_hash"] = "f" * 64
+    manifest.write_text(json.dumps(m))
+    assert "joint/manifest.json" in _refused(capsys, run)

@@ -74,7 +74,12 @@ def inspect_run(root: Path) -> RunFolder:
             continue
         _check_same_theta0(random, theta0_hash or _branch_hashes(main)[0][1])
         break
-    joint = root / "joint" if artifacts.read_manifest(root / "joint") is not None else None
+    joint_manifest = artifacts.read_manifest(root / "joint")
+    joint = root / "joint" if joint_manifest is not None else None
+    reference = theta0_hash or _branch_hashes(main)[0][1]
+    if joint_manifest is not None and joint_manifest.get("theta0_hash", reference) != reference:
+        raise MeritError(f"{root}/joint/manifest.json: trained from θ(0) {str(joint_manifest['theta0_hash'])[:12]}…, "
+                         f"not the branches' {str(reference)[:12]}…; joint and the branches must share θ(0)")
     results = artifacts.read_json(root / "results.json") if (root / "results.json").is_file() else None
     return RunFolder(root, cfg, mixture, theta0, main, random, joint, results)
 
