@@ -124,6 +124,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     import torch
 
     from merit.diagnose import landscape as L
+
     started = time.time()
     ev = Evaluator(folder, settings.max_per_source, settings.calibration_size, settings.device)
     main = folder.main
@@ -156,6 +157,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
         bar = L.barrier(settings.alphas, losses)
         curves.append({"from": a_label, "to": b_label, "kind": kind, "losses": losses, "barrier": bar.height,
                        "barrier_alpha": bar.alpha, "min_loss": bar.min_loss, "min_alpha": bar.min_alpha})
+        log(f"LMC {a_label} → {b_label}: barrier {bar.height:.4g}, min {bar.min_loss:.4f} at α = {bar.min_alpha:.2f}")
 
     # Displacements from θ(0) and the parallel-axis identity, one tensor name at a time.
     pa = L.ParallelAxis()
@@ -180,7 +182,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
         "merged_file_vs_weighted_sum": sq["merge_vs_weighted_sum"] ** 0.5,
         "parallel_axis": {"weighted_sq_norms": pa.weighted_sq_norms, "mean_sq_norm": pa.mean_sq_norm,
                           "spread": pa.spread, "residual": pa.residual, "relative_error": pa.relative_error,
-                          "holds": pa.relative_error < 1e-9},
+                          "holds": pa.relative_error <= PARALLEL_AXIS_TOLERANCE},
     }
 
     # Train vs held-out loss, joint vs merged.

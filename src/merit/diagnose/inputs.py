@@ -65,6 +65,11 @@ def inspect_run(root: Path) -> RunFolder:
     theta0_hash = (theta0_manifest or {}).get("hash")
     _check_same_theta0(main, theta0_hash)
     theta0 = _theta0_folder(root, theta0_manifest, main)
+    from merit.models.vlm import is_vlm
+
+    if is_vlm(main.merged):  # its eval scores prompts with images (merit.evaluate.vision): not this loss
+        raise MeritError(f"{main.merged}: a vision-language checkpoint; merit diagnose measures text-only runs "
+                         "for now (its loss would not be results.json's)")
     random = None
     for base in sorted((root / "baselines").glob("random-k*")):
         try:
