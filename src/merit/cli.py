@@ -15,6 +15,7 @@ from pathlib import Path
 
 from merit.argtypes import Parser
 from merit.data import convert
+from merit.diagnose import cli as diagnose_cli
 from merit.errors import MeritError, as_user_error
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     merge_cli.add_parser(sub)
     split_cli.add_parser(sub)
     launch_cli.add_parser(sub)
+    diagnose_cli.add_parser(sub)
     return p
 
 
@@ -127,6 +129,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return merge_cli.run(args)
     if args.command == "split":
         return split_cli.run(args)
+    if args.command == "diagnose":
+        return diagnose_cli.run(args)
     if args.command == "plan":
         return plan_cli.run(args)
     if args.command in launch_cli.COMMANDS:

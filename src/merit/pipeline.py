@@ -618,15 +618,7 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
                                        resolve_dtype)
 
     extras = extras or EvalExtras()
-    sources = {}
-    not_evaluated = [e["name"] for e in mixture["sources"] if not e["eval"]]
-    for e in mixture["sources"]:
-        if e["eval"]:
-            limits = [x for x in (cfg.eval.max_per_source, cfg.mixture.max_eval_per_source) if x]
-            sources[e["name"]] = formats.read_examples(mixture_stage.entry_reader(e, "eval"),
-                                                       min(limits) if limits else None)
-    if not sources:
-        raise ConfigError("eval: no source has an eval split; give eval files (mixture.sources[].eval or DIR/eval/)")
+    sources, not_evaluated = eval_examples(cfg, mixture)
     transfer_cap = (cfg.eval.transfer.max_per_source or cfg.eval.max_per_source) if cfg.eval.transfer else None
     transfer = {t.name: formats.read_examples(t.reader(), transfer_cap) for t in extras.transfer}
     device = resolve_device(cfg.eval.device)
@@ -686,6 +678,27 @@ def stage_eval(cfg, out, mixture, checkpoints: dict[str, tuple[Path, str]], mixt
         results["not_evaluated"] = not_evaluated
     artifacts.write_json(out / "results.json", results)
     return results
+
+
+def eval_examples(cfg: RunConfig, mixture: dict, side: str = "eval",
+                  cap: int | None = None) -> tuple[dict[str, list[dict]], list[str]]:
+    """The examples the eval stage scores, per source (``eval.max_per_source`` and
+    ``mixture.max_eval_per_source``, the first ones of each file), and the sources without an eval split.
+
+    ``merit diagnose`` reads the same examples so that its losses are results.json's; with ``side="train"``
+    it reads the same number of the first training examples (a fixed sample for the train/held-out gap).
+    ``cap`` lowers the per-source limit further.
+    """
+    not_evaluated = [e["name"] for e in mixture["sources"] if not e["eval"]]
+    sources = {}
+    for e in mixture["sources"]:
+        if e["eval"]:
+            limits = [x for x in (cfg.eval.max_per_source, cfg.mixture.max_eval_per_source, cap) if x]
+            sources[e["name"]] = formats.read_examples(mixture_stage.entry_reader(e, side),
+                                                       min(limits) if limits else None)
+    if not sources:
+        raise ConfigError("eval: no source has an eval split; give eval files (mixture.sources[].eval or DIR/eval/)")
+    return sources, not_evaluated
 
 
 @dataclass

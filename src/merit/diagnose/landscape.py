@@ -1,0 +1,177 @@
+"""Pure math of the loss landscape around a merge: tensors and numbers in, tensors and numbers out.
+
+No file IO, no model loading: ``merit.diagnose.cli`` reads the run folder and calls these functions
+tensor by tensor (one tensor name of K checkpoints at a time, never K whole models).
+
+Notation (MERIT, paper §3): θ(0) the shared start, θ_k the branches, w_k their token weights (Σ w_k = 1),
+δ_k = θ_k − θ(0), θ̄ = Σ_k w_k θ_k the merge, so δ̄ = θ̄ − θ(0) = Σ_k w_k δ_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------- linear mode connectivity
+
+
+def alpha_grid(points: int) -> list[float]:
+    """``points`` evenly spaced α in [0, 1], both ends included (21 → steps of 0.05, as the paper's Table 5).
+
+    Fewer than 3 points cannot show a barrier (the two ends define the chord), hence the ValueError.
+    """
+    if points < 3:
+        raise ValueError(f"an α grid needs at least 3 points (the two ends and one between), got {points}")
+    return [i / (points - 1) for i in range(points)]
+
+
+def interpolate(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 − α)·a + α·b in float32 (or float64 if an input is), in the dtype of ``a``.
+
+    Written as the two-term sum rather than ``torch.lerp`` (a + α(b − a)) so that α = 0 gives exactly a and
+    α = 1 exactly b: the curve's ends are then bit-identical to the checkpoints themselves.
+    """
+    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    return ((1.0 - alpha) * a.to(wide) + alpha * b.to(wide)).to(a.dtype)
+
+
+@dataclass(frozen=True)
+class Barrier:
+    height: float  # max_α [L(α) − ((1 − α) L(0) + α L(1))] ≥ 0 (the ends count, where the excess is 0)
+    alpha: float  # where the maximum is (0.0 when no point lies above the chord)
+    min_loss: float  # the lowest loss on the path (Table 5's "min L at α")
+    min_alpha: float
+
+
+def barrier(alphas: Sequence[float], losses: Sequence[float]) -> Barrier:
+    """The loss barrier of a curve L(α) sampled at ``alphas`` (first 0, last 1), as in the paper's Table 5.
+
+    The maximum runs over every α, the ends included, so a path on or under its chord reads exactly 0 (the
+    paper reports 0.0 for all its paths); how far under the chord the middle dips shows in ``min_loss``.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    if a.shape != loss.shape or len(a) < 3:
+        raise ValueError("barrier: need ≥ 3 α points with one loss each")
+    excess = loss - ((1.0 - a) * loss[0] + a * loss[-1])
+    excess[[0, -1]] = 0.0  # exactly 0 at the ends, whatever the rounding of the chord
+    i, j = int(np.argmax(excess)), int(np.argmin(loss))
+    return Barrier(float(excess[i]), float(a[i]), float(loss[j]), float(a[j]))
+
+
+# ------------------------------------------------------------------------------------------ displacement
+
+
+@dataclass
+class ParallelAxis:
+    """Running sums, tensor by tensor, of the parallel-axis (Huygens–Steiner) identity of the merge:
+
+        Σ_k w_k ‖δ_k‖²  =  ‖δ̄‖²  +  Σ_k w_k ‖δ_k − δ̄‖²
+
+    (mean square displacement = square of the mean displacement + the branches' spread around it). The
+    spread term is what merging averages away; it holds exactly only when Σ w_k = 1.
+    """
+
+    weighted_sq_norms: float = 0.0  # Σ_k w_k ‖δ_k‖²
+    mean_sq_norm: float = 0.0  # ‖δ̄‖²
+    spread: float = 0.0  # Σ_k w_k ‖δ_k − δ̄‖²
+
+    def add(self, deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        """Add one tensor's K displacements (each any shape, all the same); returns its δ̄ (float64)."""
+        wide = [d.to(torch.float64) for d in deltas]
+        mean = sum(w * d for w, d in zip(weights, wide))
+        self.weighted_sq_norms += float(sum(w * d.pow(2).sum() for w, d in zip(weights, wide)))
+        self.mean_sq_norm += float(mean.pow(2).sum())
+        self.spread += float(sum(w * (d - mean).pow(2).sum() for w, d in zip(weights, wide)))
+        return mean
+
+    @property
+    def residual(self) -> float:
+        """left side − right side: 0 up to rounding when the weights sum to 1."""
+        return self.weighted_sq_norms - (self.mean_sq_norm + self.spread)
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.residual) / max(self.weighted_sq_norms, 1e-300)
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖² in float64 (one tensor's share of a checkpoint distance)."""
+    return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).sum())
+
+
+# ------------------------------------------------------------------------------------------- merge gain
+
+
+def measured_gain(weights: Sequence[float], branch_losses: Sequence[float], merged_loss: float) -> float:
+    """Σ_k w_k L(θ_k) − L(θ̄): how much lower the merge's loss is than its branches' weighted mean."""
+    return float(sum(w * loss for w, loss in zip(weights, branch_losses)) - merged_loss)
+
+
+def hessian_vector_product(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                           vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """H·v for H the Hessian of ``loss_fn()`` with respect to ``params``, by double backward.
+
+    Double backward (grad of ⟨∇L, v⟩) rather than forward-over-reverse (``torch.func.jvp`` of ``grad``):
+    it works on an ordinary ``nn.Module`` in place (no ``functional_call`` copy of the parameters) and
+    with every attention implementation that has a differentiable backward, while forward-mode AD is not
+    implemented for some fused kernels. Cost: about two backward passes; memory: one graph of the gradient.
+    Parameters that do not reach the loss get a zero product.
+    """
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    dot = sum((g * v).sum() for g, v in zip(grads, vector) if g is not None)
+    if not torch.is_tensor(dot) or not dot.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    hv = torch.autograd.grad(dot, params, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
+
+
+def quadratic_form(vector: Sequence[torch.Tensor], hessian_times_vector: Sequence[torch.Tensor]) -> float:
+    """vᵀ H v from v and H·v (float64 sums)."""
+    return float(sum((v.to(torch.float64) * h.to(torch.float64)).sum() for v, h in zip(vector, hessian_times_vector)))
+
+
+def predicted_gain(weights: Sequence[float], curvatures: Sequence[float]) -> float:
+    """½ Σ_k w_k (δ_k − δ̄)ᵀ H (δ_k − δ̄), given each branch's curvature term (δ_k − δ̄)ᵀ H (δ_k − δ̄).
+
+    Second-order Taylor expansion of L(θ_k) around θ̄: the first-order terms Σ_k w_k ∇L·(θ_k − θ̄) vanish
+    because Σ_k w_k (θ_k − θ̄) = 0, so for a quadratic loss this equals :func:`measured_gain` exactly.
+    """
+    return 0.5 * float(sum(w * c for w, c in zip(weights, curvatures)))
+
+
+def gain_ratio(measured: float, predicted: float) -> float | None:
+    """measured / predicted (None when the prediction is 0: nothing to compare with)."""
+    return None if predicted == 0 else measured / predicted
+
+
+# ------------------------------------------------------------------------------------------ flatness
+
+
+def relative_gaussian_noise(tensor: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """σ · RMS(tensor) · N(0, I), shaped like ``tensor`` (float32).
+
+    Relative to each tensor's own root-mean-square so that σ means the same thing for an embedding
+    (RMS ~0.02) and a normalisation weight (RMS ~1): σ = 0.1 moves every tensor by a tenth of its typical
+    entry. A tensor that is all zeros gets no noise.
+    """
+    wide = tensor.to(torch.float32)
+    rms = wide.pow(2).mean().sqrt() if wide.numel() else torch.tensor(0.0)
+    noise = torch.randn(wide.shape, generator=generator, dtype=torch.float32, device=wide.device)
+    return sigma * rms * noise
+
+
+def flatness_auc(sigmas: Sequence[float], loss_increases: Sequence[float]) -> float:
+    """Trapezoid area under ΔL(σ) from σ = 0 (where ΔL = 0 by definition) to the largest σ.
+
+    The origin is included so that the area does not depend on where the first σ lies; smaller = flatter.
+    """
+    s = np.concatenate([[0.0], np.asarray(sigmas, dtype=np.float64)])
+    d = np.concatenate([[0.0], np.asarray(loss_increases, dtype=np.float64)])
+    order = np.argsort(s, kind="stable")
+    s, d = s[order], d[order]
+    return float(np.sum((s[1:] - s[:-1]) * (d[1:] + d[:-1]) / 2.0))
