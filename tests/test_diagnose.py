@@ -313,3 +313,82 @@ def test_joint_from_another_theta0_is_refused(tiny_run, tmp_path, capsys):
     m["theta0_hash"] = "f" * 64
     manifest.write_text(json.dumps(m))
     assert "joint/manifest.json" in _refused(capsys, run)
+
+
+# ------------------------------------------------------------------------------------------ merit probe
+
+
+def test_probe_trains_two_random_halves_and_gives_a_verdict(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "tiny-probe", "model": {"preset": "tiny"},
+        "mixture": {"builtin": {"tasks": ["to_upper", "to_lower", "add", "reverse"], "train_per_task": 16,
+                                "eval_per_task": 3}, "max_length": 48},
+        "prepare": {"examples_per_task": 8, "epochs": 1, "batch_size": 16},
+        "split": {"r": 2}, "merge": {"operators": ["token-weighted", "uniform"]}, **FAST,
+    }))
+    out = tmp_path / "probe"
+    assert main(["probe", str(cfg), "--out", str(out), "--fraction", "0.5", "--alphas", "3", "--draws", "1"]) == 0
+    probe = json.loads((out / "probe.json").read_text())
+    report = json.loads((out / "diagnose/diagnose.json").read_text())
+    # Two random halves at half an epoch, one merge: the run's own r = 2 and second operator are overridden.
+    branches = sorted(p.name for p in (out / "branches").iterdir() if p.is_dir())
+    assert len(branches) == 2, branches
+    assert report["probe"] == probe and isinstance(probe["merge_ready"], bool)
+    assert probe["fraction"] == 0.5 and probe["thresholds"]["barrier_relative"] == 0.01
+    assert any("LMC barrier" in r for r in probe["reasons"]) and any("merge gain" in r for r in probe["reasons"])
+    # The verdict is the thresholds applied to the numbers in diagnose.json, not a constant.
+    worst = max(report["lmc"]["paths"], key=lambda p: p["barrier"])
+    scale = (worst["losses"][0] + worst["losses"][-1]) / 2
+    gain = report["merge_gain"][report["main"]]["measured"]
+    assert probe["merge_ready"] == (worst["barrier"] <= 0.01 * scale and gain >= 0)
+    assert "verdict: θ(0) is" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "-0.25"])
+def test_probe_fraction_outside_zero_one_is_refused(tmp_path, capsys, fraction):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "p", "model": {"preset": "tiny"},
+                                   "mixture": {"builtin": {"tasks": ["to_upper", "add"]}}}))
+    out = tmp_path / "probe"
+    assert main(["probe", str(cfg), "--out", str(out), "--fraction", fraction]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fraction" in err[0]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- the diagnose stage
+
+
+def test_diagnose_stage_in_the_pipeline_writes_checks_and_resumes(tiny_run, tmp_path, capsys):
+    copy = _copy(tiny_run, tmp_path)
+    flags = ["--set", "diagnose.enabled=true", "--set", "diagnose.alphas=3", "--set", "diagnose.draws=1"]
+    assert main(["run", str(copy / "config.yaml"), "--out", str(copy), *flags]) == 0
+    report = json.loads((copy / "diagnose/diagnose.json").read_text())
+    results = json.loads((copy / "results.json").read_text())["methods"]
+    assert report["lmc"]["alphas"] == [0.0, 0.5, 1.0] and report["key"]
+    assert report["losses"]["merged"] == pytest.approx(results["merit-r1"]["loss"], abs=1e-5)
+    assert "Merge-readiness checks" in (copy / "report.md").read_text()
+    assert "lmc_barrier_relative" in (copy / "report.html").read_text()
+    # Nothing changed: the stage is skipped; a changed setting redoes it.
+    stamp = (copy / "diagnose/diagnose.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["run", str(copy / "config.yaml"), "--out", str(copy), *flags]) == 0
+    assert "diagnose: up to date" in capsys.readouterr().err
+    assert (copy / "diagnose/diagnose.json").stat().st_mtime_ns == stamp
+    assert main(["run", str(copy / "config.yaml"), "--out", str(copy), *flags[:4], "--set", "diagnose.draws=2"]) == 0
+    assert json.loads((copy / "diagnose/diagnose.json").read_text())["perturbation"]["draws"] == 2
+
+
+@pytest.mark.parametrize("setting, key", [("diagnose.alphas=2", "diagnose.alphas"),
+                                          ("diagnose.sigmas=[0.0]", "diagnose.sigmas"),
+                                          ("merge.operators=[uniform]", "diagnose.enabled")])
+def test_diagnose_stage_settings_are_checked_before_any_work(tmp_path, capsys, setting, key):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "d", "model": {"preset": "tiny"}, "diagnose": {"enabled": True},
+                                   "mixture": {"builtin": {"tasks": ["to_upper", "add"]}}}))
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--set", setting]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[merit]")]
+    assert len(err) == 1 and key in err[0], err
+    assert not out.exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 from merit.argtypes import Parser
 from merit.data import convert
 from merit.diagnose import cli as diagnose_cli
+from merit.diagnose import probe as probe_cli
 from merit.errors import MeritError, as_user_error
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     split_cli.add_parser(sub)
     launch_cli.add_parser(sub)
     diagnose_cli.add_parser(sub)
+    probe_cli.add_parser(sub)
     return p
 
 
@@ -131,6 +133,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return split_cli.run(args)
     if args.command == "diagnose":
         return diagnose_cli.run(args)
+    if args.command == "probe":
+        return probe_cli.run(args)
     if args.command == "plan":
         return plan_cli.run(args)
     if args.command in launch_cli.COMMANDS:

@@ -493,6 +493,30 @@ class EvalConfig(_Section):
         return v
 
 
+class DiagnoseConfig(_Section):
+    """The optional ``diagnose`` stage: ``merit diagnose`` on the run folder after evaluation (docs/diagnostics.md)."""
+
+    enabled: bool = False
+    alphas: int = Field(21, ge=3)
+    """Points on each interpolation path, ends included (21: the paper's steps of 0.05)."""
+    max_per_source: int | None = Field(None, ge=1)
+    """Held-out (and training) examples per source; null: the eval stage's, so L(θ̄) equals results.json's."""
+    calibration_size: int | None = Field(None, ge=1)
+    """Held-out examples per source for the Hessian-vector products; null: the loss's examples."""
+    sigmas: list[float] = [0.01, 0.05, 0.1]
+    """Gaussian perturbation scales, relative to each tensor's RMS."""
+    draws: int = Field(3, ge=1)
+    antithetic: bool = True
+    """Each draw evaluated at +noise and −noise (the first-order term cancels); false halves the cost."""
+
+    @field_validator("sigmas")
+    @classmethod
+    def _positive_sigmas(cls, v: list[float]) -> list[float]:
+        if not v or not all(0 < s < 10 for s in v):
+            raise ValueError("give one or more positive scales (relative to each tensor's RMS), e.g. [0.01, 0.05, 0.1]")
+        return sorted(v)
+
+
 class LaunchConfig(_Section):
     """Where and how branch jobs (and the joint baseline) run; nothing here changes what they compute."""
 
@@ -545,6 +569,7 @@ class RunConfig(_Section):
     merge: MergeConfig = MergeConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     eval: EvalConfig = EvalConfig()
+    diagnose: DiagnoseConfig = DiagnoseConfig()
     launch: LaunchConfig = LaunchConfig()
 
     @property

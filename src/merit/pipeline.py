@@ -1,6 +1,6 @@
 """Stage order and resume.
 
-theta0 -> mixture -> grads -> split -> branches -> merge -> joint -> eval -> report
+theta0 -> mixture -> grads -> split -> branches -> merge -> joint -> eval -> diagnose -> report
 
 Each stage reads the run folder and writes into it, manifest last, under a key derived from its
 config section and its inputs' keys. A rerun skips every stage whose manifest carries the same key
@@ -28,7 +28,7 @@ from merit.models.loading import check_checkpoint, checkpoint_hash, load_tokeniz
 from merit.preflight import preflight
 from merit.split.partition import SplitInputs, token_weights
 
-STAGES = ("theta0", "mixture", "grads", "split", "branches", "merge", "joint", "eval", "report")
+STAGES = ("theta0", "mixture", "grads", "split", "branches", "merge", "joint", "eval", "diagnose", "report")
 
 
 def log(msg: str) -> None:
@@ -79,6 +79,14 @@ def check(cfg: RunConfig) -> None:
             if getattr(cfg.baselines, name):
                 raise ConfigError(f"baselines.{name}: needs baselines.joint: true (the joint run is "
                                   f"{'the 1-epoch row' if name == 'joint_epochs' else 'the first soup member'})")
+    if cfg.diagnose.enabled:
+        # What merit diagnose reads: the main split's token-weighted merge of dense branches.
+        if "token-weighted" not in cfg.merge.operators:
+            raise ConfigError("diagnose.enabled: diagnose reads the token-weighted merge; add token-weighted to "
+                              "merge.operators or set diagnose.enabled: false")
+        if cfg.train.lora is not None:
+            raise ConfigError("diagnose.enabled: LoRA branches are adapters, and diagnose needs dense "
+                              "checkpoints; set diagnose.enabled: false (or train.lora: null)")
 
 
 def run(cfg: RunConfig, out: Path, until: str | None = None, *, gpu: str | None = None,
@@ -171,6 +179,11 @@ def _run(cfg: RunConfig, out: Path, until: str | None, failed: list, gpu: str | 
     with timed("eval"):
         results = stage_eval(cfg, out, mixture, checkpoints, mixture_key, extras)
     if done("eval"):
+        return results
+    if cfg.diagnose.enabled:
+        with timed("diagnose"):
+            stage_diagnose(cfg, out, checkpoints)
+    if done("diagnose"):
         return results
     stage_report(out, results, variants)
     return results
@@ -731,11 +744,34 @@ def eval_settings(cfg: RunConfig, batch_size: int = 64):
                         length_normalized=cfg.eval.length_normalized)
 
 
+def stage_diagnose(cfg: RunConfig, out: Path, checkpoints: dict[str, tuple[Path, str]]) -> None:
+    """merit diagnose on this run folder (diagnose/), redone only when a checkpoint or a setting changed."""
+    from dataclasses import asdict
+
+    from merit.diagnose.cli import Settings, diagnose, summary, write_outputs
+    from merit.diagnose.inputs import inspect_run
+    from merit.diagnose.landscape import alpha_grid
+
+    d = cfg.diagnose
+    settings = Settings(alpha_grid(d.alphas), d.max_per_source, d.calibration_size, list(d.sigmas), d.draws,
+                        None, d.antithetic)
+    key = artifacts.fingerprint("diagnose/1", {row: k for row, (_, k) in checkpoints.items()}, asdict(settings))
+    target = out / "diagnose"
+    if (target / "diagnose.json").exists() and artifacts.read_json(target / "diagnose.json").get("key") == key:
+        log("diagnose: up to date")
+        return
+    report, curves, perturbation = diagnose(inspect_run(out), settings)
+    report["key"] = key
+    write_outputs(target, report, curves, perturbation)
+    for line in summary(report).splitlines():
+        log(line.strip())
+
+
 def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:
     """report.md and report.html: the tables, the groups, and every plot of the run folder."""
     from merit.report.document import Heading, Paragraph, Picture, to_html, to_markdown
     from merit.report.plots import conflict_heatmap, pca_scatter, per_source_bars
-    from merit.report.table import comparison, harness, per_source
+    from merit.report.table import comparison, diagnose_checks, harness, per_source
 
     main = variants[0]
     split_dir = main.root / "split"
@@ -774,6 +810,8 @@ def stage_report(out: Path, results: dict, variants: list[Variant]) -> None:
     diagnostics = sorted((out / "diagnose").glob("*.png")) if (out / "diagnose").is_dir() else []
     if diagnostics:  # merit diagnose's plots (LMC curves, perturbation), when it ran on this folder
         blocks.append(Heading("Diagnostics"))
+        if (out / "diagnose" / "diagnose.json").exists():
+            blocks.append(diagnose_checks(artifacts.read_json(out / "diagnose" / "diagnose.json")))
         blocks += [Picture(p.relative_to(out), p.stem.replace("_", " ")) for p in diagnostics]
     artifacts.write_text(out / "report.md", to_markdown(blocks))
     artifacts.write_text(out / "report.html", to_html(blocks, out, f"merit run: {out.name}"))

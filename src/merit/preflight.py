@@ -46,6 +46,9 @@ def preflight(cfg: RunConfig, out: Path, reaches_eval: bool) -> list[mixture_sta
         found = mixture_stage.check_source(s, cfg.mixture)
         parts_at = parts_at or found
     is_vlm = check_model(cfg, out, sources, parts_at)
+    if cfg.diagnose.enabled and (is_vlm or parts_at is not None):
+        raise ConfigError("diagnose.enabled: a vision-language run's eval loss is conditioned on images, and "
+                          "merit diagnose measures text-only runs for now; set diagnose.enabled: false")
     from merit.train import options
 
     # What this machine cannot train (fp16 without CUDA, a kernel not installed, packing a VLM), and

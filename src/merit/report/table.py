@@ -112,6 +112,19 @@ def harness(results: dict, part: str = "lm_eval") -> Table | None:
     return Table(name, ["task", "metric"] + list(methods), rows, align=["l", "l"] + ["r"] * len(methods))
 
 
+def diagnose_checks(report: dict) -> Table:
+    """merit diagnose's merge-readiness checks: each number against its threshold (docs/diagnostics.md)."""
+    marks = {True: "pass", False: "fail", None: "n/a"}
+    rows = [[c["check"], "n/a" if c["value"] is None else f"{c['value']:.4g}", c["threshold"], marks[c["passed"]]]
+            for c in report.get("checks", [])]
+    gains = report.get("merge_gain", {})
+    notes = [f"merge gain {name}: measured {g['measured']:.4g}, Hessian-predicted {g['predicted']:.4g}"
+             for name, g in gains.items()]
+    notes.append(f"largest LMC barrier {report['lmc']['max_barrier']:.4g} over {len(report['lmc']['paths'])} paths")
+    return Table("Merge-readiness checks (merit diagnose)", ["check", "value", "threshold", "result"], rows,
+                 notes=notes, align=["l", "r", "l", "l"])
+
+
 def format_table(results: dict, markdown: bool = False) -> str:
     """The comparison table as plain text (the terminal) or Markdown."""
     t = comparison(results)
