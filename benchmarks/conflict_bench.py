@@ -40,7 +40,7 @@ from merit.conflict.cosine import cosine_matrix  # noqa: E402
 from merit.data.jsonl import read_examples  # noqa: E402
 from merit.data.mixture import tokenize_examples  # noqa: E402
 from merit.models.loading import load_model, load_tokenizer, trainable_parameters  # noqa: E402
-from merit.registry import get  # noqa: E402
+from merit.plugins import get  # noqa: E402
 from merit.split.partition import recursive_median_partition  # noqa: E402
 from merit.split.pca import pca_scores  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merit.errors import MeritError
-from merit.merge import operators
+from merit.merge import checkpoint, operators
 from merit.merge.checkpoint import merge_checkpoints
 from merit.merge.safetensors_io import INDEX, checkpoint_tensors, parse_size, plan_shards
 
@@ -122,7 +122,7 @@ def test_output_dtype_option(ckpts, tmp_path):
 
 @pytest.mark.parametrize("method", ["token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties"])
 def test_engine_equals_the_operator_on_whole_tensors(ckpts, tmp_path, method):
-    op = operators.resolve(method)
+    op = checkpoint.resolve(method)
     params = op.resolve_params({"density": 0.5} if "density" in op.params else {})
     out = tmp_path / method
     # Small slices force the slice-by-slice path for elementwise operators.

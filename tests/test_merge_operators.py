@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from merit import registry
+from merit import plugins
 from merit.errors import ConfigError
 from merit.merge.operators import (
     MergeOperator,
@@ -25,12 +25,12 @@ def _exact(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def test_registry_has_every_operator_with_its_needs():
-    assert {"token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties"} <= set(registry.names("merge"))
+    assert {"token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties"} <= set(plugins.names("merge"))
     for name in ("token-weighted", "uniform"):
-        op = registry.get("merge", name)
+        op = plugins.get("merge", name)
         assert isinstance(op, MergeOperator) and not op.needs_base and op.elementwise and op.linear
     for name in ("task-arithmetic", "ties", "dare", "dare-ties"):
-        assert registry.get("merge", name).needs_base
+        assert plugins.get("merge", name).needs_base
     assert not ties.elementwise and not dare.elementwise and dare.seeded and not ties.seeded
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from merit import registry
+from merit import plugins
 from merit.config import load_config
 from merit.conflict.cosine import cosine_matrix
 from merit.errors import ConfigError
@@ -106,7 +106,7 @@ def test_same_seed_same_plan(method):
     names = [f"s{i}" for i in range(12)]
     manual = [names[:6], names[6:]]
     x = _inputs(c, r=2, samples=np.arange(1, 13), tokens=np.arange(12, 0, -1) * 7, seed=4, names=names, groups=manual)
-    fn = registry.get("split", method)
+    fn = plugins.get("split", method)
     first = fn(x)
     assert fn(replace(x, conflict=c.copy())) == first
     assert sorted(i for g in first for i in g) == list(range(12)) and all(first)
@@ -143,7 +143,7 @@ def test_pca_median_beats_random_on_planted_conflict():
     c, _ = _clusters([6, 6], noise=0.3, seed=2)
     x = _inputs(c, r=1)
     rows = compare(c, x.tokens, {"pca-median": lambda: pca_median(x), "broken": lambda: 1 / 0},
-                   random_draws=lambda s: registry.get("split", "random")(replace(x, seed=s)), n_random=16)
+                   random_draws=lambda s: plugins.get("split", "random")(replace(x, seed=s)), n_random=16)
     by = {r["method"]: r for r in rows}
     assert by["pca-median"]["vs_random"] > 1.5
     assert "division by zero" in by["broken"]["error"]

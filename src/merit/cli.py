@@ -118,9 +118,22 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    from merit import registry
+def _list_plugins() -> int:
+    """merit ls: every registered plugin with its one-line description, by kind."""
+    from merit import plugins
+    from merit.data.formats import FORMATS
 
+    for kind in plugins.kinds():
+        entries = plugins.names(kind)
+        width = max(map(len, entries))
+        print(f"{plugins.KIND_TITLES.get(kind, kind)}:")
+        for name in entries:
+            print(f"  {name:<{width}}  {plugins.describe(kind, name)}".rstrip())
+    print(f"source formats: {', '.join(FORMATS)}")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return eval_cli.run(args)
     if args.command == "export-tasks":
@@ -140,14 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in launch_cli.COMMANDS:
         return launch_cli.run(args)
     if args.command == "ls":
-        titles = {"model-preset": "model presets", "split": "split methods", "merge": "merge operators",
-                  "launcher": "launchers", "compression": "gradient compression"}
-        for kind in registry.kinds():
-            print(f"{titles.get(kind, kind)}: {', '.join(registry.names(kind))}")
-        from merit.data.formats import FORMATS
-
-        print(f"source formats: {', '.join(FORMATS)}")
-        return 0
+        return _list_plugins()
 
     from merit.config import load_config
     from merit.pipeline import run

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merit import artifacts, registry
+from merit import artifacts, plugins
 from merit.config import RunConfig, dump_config
 from merit.data import formats
 from merit.data import mixture as mixture_stage
@@ -63,17 +63,17 @@ class Variant:
 def check(cfg: RunConfig) -> None:
     """Problems that need no data: every registered name the config uses exists."""
     if cfg.model.preset is not None:
-        registry.get("model-preset", cfg.model.preset, field="model.preset")
-    registry.get("split", cfg.split.method, field="split.method")
-    registry.get("compression", cfg.grads.compression, field="grads.compression")
+        plugins.get("model-preset", cfg.model.preset, field="model.preset")
+    plugins.get("split", cfg.split.method, field="split.method")
+    plugins.get("compression", cfg.grads.compression, field="grads.compression")
     if cfg.grads.compression == "jl" and cfg.grads.sketch_dim > 16384:
         raise ConfigError(f"grads.sketch_dim={cfg.grads.sketch_dim} with grads.compression=jl costs "
                           "sketch_dim × parameters per source; use ≤ 16384 (e.g. 1024) or countsketch")
     for i, op in enumerate(cfg.merge.operators):
-        registry.get("merge", op, field=f"merge.operators[{i}]")
+        plugins.get("merge", op, field=f"merge.operators[{i}]")
     if not cfg.merge.operators:
         raise ConfigError("merge.operators: give at least one operator")
-    registry.get("launcher", cfg.launch.kind, field="launch.kind")
+    plugins.get("launcher", cfg.launch.kind, field="launch.kind")
     if not cfg.baselines.joint:
         for name in ("joint_epochs", "soups"):
             if getattr(cfg.baselines, name):
@@ -211,7 +211,7 @@ def stage_theta0(cfg: RunConfig, out: Path) -> tuple[Path, str, str]:
             done = False
     if not done:
         log(f"theta0: preparing preset {cfg.model.preset!r}")
-        prepare = registry.get("model-preset", cfg.model.preset)
+        prepare = plugins.get("model-preset", cfg.model.preset)
         with artifacts.atomic_dir(stage) as tmp:
             info = prepare(tmp, cfg.prepare, cfg.seed)
             # A preset either builds θ(0) into the stage folder or points at a cached checkpoint.
@@ -375,7 +375,7 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
         v.key = artifacts.fingerprint("split", v.method, grads_key, v.r, cfg.seed, *manual, *budget, *rule)
         if not artifacts.is_done(stage, v.key):
             artifacts.reset_stage(stage)
-            method = registry.get("split", v.method, field="split.method")
+            method = plugins.get("split", v.method, field="split.method")
             groups = method(SplitInputs(conflict, samples, tokens, v.r, cfg.seed, names, cfg.split.groups,
                                         gram=np.outer(norms, norms) * conflict, greedy_rule=cfg.split.greedy_rule))
             plan = {
@@ -554,7 +554,7 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
             key = artifacts.fingerprint("merge", op, branch_keys[v.name], weights, *dtype)
             if not artifacts.is_done(target, key):
                 log(f"merge: {v.row(op)} ({op} over {len(folders)} branches)")
-                operator = registry.get("merge", op)
+                operator = plugins.get("merge", op)
                 # Task-vector operators (task-arithmetic, ties, dare) need θ(0): the branch manifests name it.
                 base = Path(artifacts.read_manifest(folders[0])["theta0"]) if operator.needs_base else None
                 if cfg.train.lora is not None:  # adapters: merge the branches' dense B·A updates onto θ(0)
@@ -613,7 +613,7 @@ def stage_soup(target: Path, members: list[Path], member_keys: list[str], cfg) -
     key = artifacts.fingerprint("soup", member_keys, *dtype)
     if not artifacts.is_done(target, key):
         log(f"joint: {target.name} (uniform average of {len(members)} full-data runs)")
-        info = merge_checkpoints(members, [1.0 / len(members)] * len(members), registry.get("merge", "uniform"),
+        info = merge_checkpoints(members, [1.0 / len(members)] * len(members), plugins.get("merge", "uniform"),
                                  target, dtype=cfg.merge.dtype)
         artifacts.write_manifest(target, key, operator="uniform", branches=[str(m) for m in members],
                                  weights=[1.0 / len(members)] * len(members), **info)

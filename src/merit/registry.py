@@ -1,6 +1,10 @@
-"""One small registry for pluggable parts (split methods, merge operators, launchers).
+"""The registry core: name -> object tables for pluggable parts, importing no plugin.
 
-Each kind is a name -> object table. An unknown name is a user error that lists the known ones.
+Plugin modules (split methods, merge operators, compressions, launchers, model presets) import this
+module and register their objects with :func:`register`; :mod:`merit.plugins` is the one place that
+imports the built-in plugin modules and answers lookups. So imports run one way —
+``plugins -> plugin modules -> registry`` — and adding a plugin is its file plus one line in
+``merit.plugins.BUILTIN_MODULES``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return add
 
 
-def get(kind: str, name: str, *, field: str | None = None) -> Any:
-    """The object registered as ``kind/name``; a ConfigError naming ``field`` and the known names otherwise."""
-    _load_builtins()
+def lookup(kind: str, name: str, *, field: str | None = None) -> Any:
+    """The object registered as ``kind/name`` so far; a ConfigError naming ``field`` and the known names
+    otherwise. Loads nothing: use :func:`merit.plugins.get` unless the caller is the registering module."""
     table = _TABLES.get(kind, {})
     if name not in table:
         where = f"{field}: " if field else ""
@@ -38,24 +42,10 @@ def get(kind: str, name: str, *, field: str | None = None) -> Any:
     return table[name]
 
 
-def names(kind: str) -> list[str]:
-    """Registered names of one kind, sorted."""
-    _load_builtins()
+def registered(kind: str) -> list[str]:
+    """Names registered so far under ``kind``, sorted."""
     return sorted(_TABLES.get(kind, {}))
 
 
-def kinds() -> list[str]:
-    _load_builtins()
+def registered_kinds() -> list[str]:
     return sorted(_TABLES)
-
-
-def _load_builtins() -> None:
-    # Importing the modules runs their @register decorators; done lazily so that the
-    # registry module itself imports nothing heavy.
-    import merit.merge.operators  # noqa: F401
-    import merit.models.presets  # noqa: F401
-    import merit.split.partition  # noqa: F401
-    import merit.conflict.compress  # noqa: F401
-    import merit.launch.local  # noqa: F401
-    import merit.launch.ray  # noqa: F401  (imports Ray only when used)
-    import merit.launch.slurm  # noqa: F401  (imports submitit only when used)

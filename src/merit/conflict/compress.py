@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from merit.registry import get, register
+from merit.registry import lookup, register
 
 # Bump when a compressor's output for the same settings changes (invalidates stores). 2: the count-sketch
 # hashes indices instead of drawing them from a generator.
@@ -307,7 +307,7 @@ def compress(named: Iterable[tuple[str, torch.Tensor]], spec: CompressionSpec,
 
     Returns a (D,) fp32 vector, or (B, D) with ``batched`` (every tensor then has a leading batch dim).
     """
-    comp = get("compression", spec.method, field="grads.compression")(spec, batched)
+    comp = lookup("compression", spec.method, field="grads.compression")(spec, batched)
     for name, g in named:
         comp.add(name, g)
     return comp.result()

@@ -69,9 +69,9 @@ def require(module: str, kind: str, extra: str):
 
 def launch(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
     """Run ``jobs`` with the launcher named by ``cfg.kind``; the outcomes of the jobs that failed."""
-    from merit import registry
+    from merit import plugins
 
-    launcher = registry.get("launcher", cfg.kind, field="launch.kind")
+    launcher = plugins.get("launcher", cfg.kind, field="launch.kind")
     outcomes = launcher(list(jobs), cfg)
     return [o for o in outcomes if not o.ok]
 

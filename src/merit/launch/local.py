@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 @register("launcher", "local")
 def run_local(jobs: Sequence[BranchJob], cfg: LaunchConfig) -> list[Outcome]:
-    """Run every job on this machine; see the module docstring for sequential vs parallel."""
+    """Run every job on this machine: one after another in this process, or in launch.workers processes."""
     done = {j.out: Outcome(j.name, j.out, True) for j in jobs if artifacts.is_done(j.out, j.key)}
     todo = [j for j in jobs if j.out not in done]
     check_processes(cfg)

@@ -44,7 +44,7 @@ from merit import artifacts
 from merit.errors import MeritError
 from merit.merge import checks
 from merit.merge import safetensors_io as st
-from merit.merge.operators import MergeOperator, resolve, tensor_seed
+from merit.merge.operators import MergeOperator, tensor_seed
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' save_pretrained
 CHUNK_ELEMENTS = 1 << 18  # elementwise units: K slices of 256K elements + an fp32 accumulator stay in L2/L3
@@ -105,6 +105,18 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+def resolve(op: str | MergeOperator | Callable[..., torch.Tensor]) -> MergeOperator:
+    """A MergeOperator from a registered name (``merit ls``), an operator, or a bare ``f(tensors, weights)``
+    callable (then treated as a whole-tensor operator that needs no θ(0))."""
+    if isinstance(op, MergeOperator):
+        return op
+    if isinstance(op, str):
+        from merit import plugins
+
+        return plugins.get("merge", op, field="--method")
+    return MergeOperator(op)
 
 
 def merge_checkpoints(branches: Sequence[Path], weights: Sequence[float] | None,

@@ -99,7 +99,7 @@ def _params(args: argparse.Namespace, op) -> dict:
 def mergekit_yaml(branches: list[Path], weights: list[float], method: str, params: dict, base: Path | None,
                   dtype: str | None) -> str:
     """The mergekit config that computes the same merge (exactly for linear methods; see notes in it)."""
-    from merit.merge.operators import resolve
+    from merit.merge.checkpoint import resolve
 
     op = resolve(method)
     lines = [f"# merit merge --method {method}: the equivalent mergekit config (mergekit-yaml THIS_FILE OUT)"]
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``merit merge``; user errors raise MeritError (exit 2 through ``merit.cli.main``)."""
     from merit import artifacts
     from merit.merge.checkpoint import merge_checkpoints
-    from merit.merge.operators import resolve
+    from merit.merge.checkpoint import resolve
 
     op = resolve(args.method)
     if not args.export_only:

@@ -238,15 +238,3 @@ def dare_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base
     w = kernels.reshape_weight_task_tensors(taus, _kernel_weights(weights, taus))
     mixed = kernels.disjoint_merge(taus * w, elected)
     return base.to(mixed.dtype) + float(lam) * mixed
-
-
-def resolve(op: str | MergeOperator | Callable[..., torch.Tensor]) -> MergeOperator:
-    """A MergeOperator from a registered name, an operator, or a bare ``f(tensors, weights)`` callable
-    (then treated as a whole-tensor operator that needs no θ(0))."""
-    if isinstance(op, MergeOperator):
-        return op
-    if isinstance(op, str):
-        from merit import registry
-
-        return registry.get("merge", op, field="--method")
-    return MergeOperator(op)

@@ -46,7 +46,7 @@ def _folder_and_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Print the comparison table; 0 on success (user errors raise ConfigError)."""
-    from merit import artifacts, registry
+    from merit import artifacts, plugins
     from merit.conflict.store import load_conflict
     from merit.split.partition import SplitInputs, random_split
     from merit.split.proxy import compare
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     samples = np.array([entry[n]["samples"] for n in names])
     tokens = np.array([entry[n]["tokens"] for n in names])
     x = SplitInputs(conflict, samples, tokens, cfg.split.r, cfg.seed, names, cfg.split.groups)
-    methods = [m for m in registry.names("split") if m != "manual" or cfg.split.groups]
-    candidates = {m: (lambda fn=registry.get("split", m): fn(x)) for m in methods}
+    methods = [m for m in plugins.names("split") if m != "manual" or cfg.split.groups]
+    candidates = {m: (lambda fn=plugins.get("split", m): fn(x)) for m in methods}
     rows = compare(conflict, tokens, candidates, random_draws=lambda s: random_split(replace(x, seed=s)),
                    n_random=args.random_seeds)
     for r in rows:

@@ -77,18 +77,21 @@ def recursive_median_partition(scores: np.ndarray, weights: np.ndarray) -> list[
 
 @register("split", "pca-median")
 def pca_median(x: SplitInputs) -> list[list[int]]:
+    """The paper's MERIT split: PCA of the cosine conflict matrix, recursive sample-weighted median splits on the top r axes."""
     scores, _ = pca_scores(x.conflict, x.r)
     return recursive_median_partition(scores, x.samples)
 
 
 @register("split", "pca-median-tokens")
 def pca_median_tokens(x: SplitInputs) -> list[list[int]]:
+    """As pca-median, but the medians weigh sources by tokens instead of samples."""
     scores, _ = pca_scores(x.conflict, x.r)
     return recursive_median_partition(scores, x.tokens)
 
 
 @register("split", "pca-median-raw")
 def pca_median_raw(x: SplitInputs) -> list[list[int]]:
+    """As pca-median, on the raw-gradient Gram matrix G Gᵀ instead of cosines (the paper's Table 20)."""
     if x.gram is None or not np.all(np.isfinite(x.gram)):
         raise ConfigError("split.method=pca-median-raw needs the stored gradient norms (grads/manifest.json); "
                           "rerun the grads stage")
@@ -120,6 +123,7 @@ def conflict_greedy_groups(conflict: np.ndarray, rule: str = "separate") -> list
 
 @register("split", "conflict-greedy")
 def conflict_greedy(x: SplitInputs) -> list[list[int]]:
+    """K = 2: seed the groups with the most conflicting pair, add the rest greedily (split.greedy_rule)."""
     if x.r != 1:
         raise ConfigError(f"split.method=conflict-greedy makes K = 2 groups; set split.r: 1 (got {x.r})")
     return conflict_greedy_groups(x.conflict, x.greedy_rule)
@@ -127,6 +131,7 @@ def conflict_greedy(x: SplitInputs) -> list[list[int]]:
 
 @register("split", "random")
 def random_split(x: SplitInputs) -> list[list[int]]:
+    """The random baseline: the same sample-weighted median splits on seeded random scores."""
     rng = np.random.default_rng(x.seed)
     scores = rng.standard_normal((len(x.samples), x.r))
     return recursive_median_partition(scores, x.samples)
@@ -180,6 +185,7 @@ def _groups_from_labels(labels: np.ndarray, k: int) -> list[list[int]]:
 
 @register("split", "kmeans")
 def kmeans_split(x: SplitInputs) -> list[list[int]]:
+    """k-means (K = 2^r) on the rows of the conflict matrix (the paper's Table 10)."""
     k = 2**x.r
     return _groups_from_labels(kmeans_labels(x.conflict, k, x.seed), k)
 
@@ -213,6 +219,7 @@ def validate_manual_groups(groups: list[list[str]] | None, names: list[str]) -> 
 
 @register("split", "manual")
 def manual_split(x: SplitInputs) -> list[list[int]]:
+    """The groups named in split.groups, as given."""
     if x.names is None:
         raise ValueError("manual split needs the source names")
     return validate_manual_groups(x.groups, list(x.names))
