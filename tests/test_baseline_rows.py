@@ -127,3 +127,59 @@ def test_conflict_greedy_needs_r1(tmp_path, capsys, tiny_checkpoint):
                                     "split": {"method": "conflict-greedy", "r": 2}}))
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "set split.r: 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ residual conflicts (a research row)
+
+
+def test_residual_gram_and_cosines_equal_those_of_explicit_residual_vectors():
+    from merit.conflict.cosine import cosine_from_gram, cosine_matrix, residual_gram
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((5, 40))
+    w = np.array([1.0, 2.0, 3.0, 1.0, 5.0])
+    mean = (w / w.sum()) @ g
+    np.testing.assert_allclose(residual_gram(g @ g.T, w), (g - mean) @ (g - mean).T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cosine_from_gram(g @ g.T), cosine_matrix(g), rtol=1e-10, atol=1e-12)
+    # Weighted residuals sum to zero: Σ_i w_i ⟨r_i, r_j⟩ = 0 for every j.
+    np.testing.assert_allclose(w @ residual_gram(g @ g.T, w), np.zeros(5), atol=1e-10)
+
+
+def test_residuals_expose_conflicts_that_a_shared_direction_hides():
+    from merit.conflict.cosine import cosine_from_gram, residual_gram
+
+    # Four sources = a large shared direction (a common prompt format) ± a family direction: every
+    # cosine is positive, the residuals are the families' ± directions (cosine −1 across families).
+    common, fam = np.eye(3)[0] * 10, np.eye(3)[1]
+    g = np.stack([common + fam, common + fam, common - fam, common - fam])
+    cos = cosine_from_gram(g @ g.T)
+    assert (cos > 0.95).all()
+    res = cosine_from_gram(residual_gram(g @ g.T, np.ones(4)))
+    np.testing.assert_allclose(res, [[1, 1, -1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [-1, -1, 1, 1]], atol=1e-12)
+    x = SplitInputs(res, np.ones(4), np.ones(4), 1, 0)
+    assert sorted(pca_median(x)) == [[0, 1], [2, 3]]
+
+
+def test_residual_split_in_the_pipeline(grid_run, tmp_path, capsys):
+    import shutil
+
+    from merit.conflict.cosine import cosine_matrix
+    from merit.conflict.store import load_vectors
+
+    copy = tmp_path / "run"
+    shutil.copytree(grid_run / "grads", copy / "grads")
+    shutil.copytree(grid_run / "theta0", copy / "theta0") if (grid_run / "theta0").exists() else None
+    cfg = yaml.safe_load((grid_run / "config.yaml").read_text())
+    cfg["split"]["conflict"] = "residual"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(copy), "--until", "split"]) == 0
+    assert "split: merit-r1-residual:" in capsys.readouterr().err
+    names = json.loads((copy / "split/conflict.json").read_text())["sources"]
+    g = load_vectors(copy / "grads", names).astype(np.float64)
+    samples = {e["name"]: e["samples"] for e in json.loads((copy / "mixture/manifest.json").read_text())["sources"]}
+    w = np.array([samples[n] for n in names], dtype=np.float64)
+    residual = g - (w / w.sum()) @ g
+    np.testing.assert_allclose(json.loads((copy / "split/conflict.json").read_text())["matrix"],
+                               cosine_matrix(residual), rtol=1e-4, atol=1e-5)

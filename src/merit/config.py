@@ -177,6 +177,12 @@ class SplitConfig(_Section):
     """Number of PCA axes; K = 2^r groups."""
     groups: list[list[str]] | None = None
     """With ``method: manual``: the groups as lists of source names; every source exactly once."""
+    conflict: Literal["cosine", "residual"] = "cosine"
+    """What the conflict matrix measures: cosines of the sources' mean gradients (``cosine``, the paper's),
+    or of their residuals g_i − ḡ after the mixture's sample-weighted mean gradient ḡ is removed
+    (``residual``, a research option: mean gradients share a large common direction, e.g. prompt format,
+    which makes most cosines positive; the residuals compare what each source adds). Computed exactly
+    from the stored vectors' Gram matrix; the main row is then named ``merit-r<r>-residual``."""
     greedy_rule: Literal["separate", "literal"] = "separate"
     """``conflict-greedy``: each source joins the group it agrees with most (``separate``: conflicting
     sources end up apart, the evident intent), or, read verbatim ("minimize average cosine similarity

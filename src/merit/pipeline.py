@@ -349,6 +349,8 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     main_name = f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{k}"
     if cfg.split.method == "manual":
         main_name = f"manual-k{len(cfg.split.groups)}"
+    if cfg.split.conflict == "residual":
+        main_name += "-residual"
     variants = [Variant(main_name, cfg.split.method, out, list(cfg.merge.operators), cfg.split.r)]
     if cfg.baselines.random:
         for kr in cfg.baselines.random_k or [k]:
@@ -358,13 +360,22 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
                                     [cfg.merge.operators[0]], kr.bit_length() - 1))
 
     names, conflict = load_conflict(out / "grads")  # C as the grads stage cached it (incrementally)
-    scores, explained = pca_scores(conflict, max(cfg.split.r, 2))
     entry = {e["name"]: e for e in mixture["sources"]}
     samples = np.array([entry[n]["samples"] for n in names])
     tokens = np.array([entry[n]["tokens"] for n in names])
     # the stored vectors' norms: with C they give the raw Gram matrix G Gᵀ (split.method pca-median-raw)
     stored = {e["name"]: e.get("norm", float("nan")) for e in artifacts.read_manifest(out / "grads")["sources"]}
     norms = np.array([stored[n] for n in names], dtype=np.float64)
+    gram = np.outer(norms, norms) * conflict
+    if cfg.split.conflict == "residual":
+        from merit.conflict.cosine import cosine_from_gram, residual_gram
+
+        if not np.all(np.isfinite(gram)):
+            raise ConfigError("split.conflict=residual needs the stored gradient norms (grads/manifest.json); "
+                              "rerun the grads stage")
+        gram = residual_gram(gram, samples)
+        conflict = cosine_from_gram(gram)
+    scores, explained = pca_scores(conflict, max(cfg.split.r, 2))
     for v in variants:
         stage = v.root / "split"
         manual = [cfg.split.groups] if v.method == "manual" else []
@@ -372,12 +383,15 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
         # changing the gradients' key (added only when set, so earlier run folders keep their keys).
         budget = [cfg.mixture.token_count] if cfg.mixture.token_count != "all" else []
         rule = [cfg.split.greedy_rule] if v.method == "conflict-greedy" else []
-        v.key = artifacts.fingerprint("split", v.method, grads_key, v.r, cfg.seed, *manual, *budget, *rule)
+        # the residual conflicts change the main split only (a random baseline ignores C)
+        residual = ["residual"] if cfg.split.conflict == "residual" and v.root == out else []
+        v.key = artifacts.fingerprint("split", v.method, grads_key, v.r, cfg.seed, *manual, *budget, *rule,
+                                      *residual)
         if not artifacts.is_done(stage, v.key):
             artifacts.reset_stage(stage)
             method = plugins.get("split", v.method, field="split.method")
             groups = method(SplitInputs(conflict, samples, tokens, v.r, cfg.seed, names, cfg.split.groups,
-                                        gram=np.outer(norms, norms) * conflict, greedy_rule=cfg.split.greedy_rule))
+                                        gram=gram, greedy_rule=cfg.split.greedy_rule))
             plan = {
                 "method": v.method,
                 "r": v.r,

@@ -177,3 +177,30 @@ def cosine_matrix(grads: np.ndarray, *, tile: int = TILE, chunk: int = COLUMN_CH
         ValueError: a row is all zeros (its direction is undefined).
     """
     return streamed_cosine(array_rows(grads), tile=tile, chunk=chunk)
+
+
+def residual_gram(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """⟨g_i − ḡ, g_j − ḡ⟩ with ḡ = Σ_j p_j g_j, p = weights / Σ weights, from the Gram matrix alone.
+
+    ⟨g_i − ḡ, g_j − ḡ⟩ = G_ij − (Gp)_i − (Gp)_j + pᵀGp: no gradient is read again. With sample weights,
+    ḡ is the mixture's mean gradient (what joint training follows), and the residuals are what each
+    source adds to it; they satisfy Σ_i p_i (g_i − ḡ) = 0.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    gp = g @ p
+    return g - gp[:, None] - gp[None, :] + float(p @ gp)
+
+
+def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
+    """The cosine matrix of the vectors whose Gram matrix is ``gram`` (a zero vector: cosine 0, diagonal 1)."""
+    g = np.asarray(gram, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    safe = np.where(norms > 0, norms, 1.0)
+    c = g / np.outer(safe, safe)
+    c[norms == 0, :] = 0.0
+    c[:, norms == 0] = 0.0
+    c = np.clip((c + c.T) / 2, -1.0, 1.0)
+    np.fill_diagonal(c, 1.0)
+    return c
