@@ -1,6 +1,6 @@
 """Aggregate run folders of one experiment into a Markdown results page.
 
-    python experiments/summarize.py runs/smollm2-bigbench-s*-r* --out docs/results.md
+    python experiments/summarize.py runs/smollm2-bigbench-s*-r* --out docs/results-pilot.md
 
 Methods are pooled across folders by name (``base`` and ``joint`` may come from several folders of the
 same seed: each (seed, method) counts once). Each cell is the mean over seeds, with the spread

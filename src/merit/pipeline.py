@@ -339,6 +339,15 @@ def gradient_jobs(cfg, stage: Path, theta0: Path, todo: list[str], keys: dict[st
             for i, part in enumerate(shares)]
 
 
+def main_row(cfg: RunConfig) -> str:
+    """The results.json row of the main split's first merge: merit-r<r> for the paper's method."""
+    if cfg.split.method == "manual":
+        name = f"manual-k{len(cfg.split.groups)}"
+    else:
+        name = f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{cfg.groups}"
+    return name + ("-residual" if cfg.split.conflict == "residual" else "")
+
+
 def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     from merit.conflict.store import load_conflict
     from merit.report.plots import conflict_heatmap, pca_scatter
@@ -346,12 +355,7 @@ def stage_split(cfg, out, mixture, grads_key, mixture_key) -> list[Variant]:
     from merit.split.proxy import merge_gain_proxy, proxy_share
 
     k = cfg.groups
-    main_name = f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{k}"
-    if cfg.split.method == "manual":
-        main_name = f"manual-k{len(cfg.split.groups)}"
-    if cfg.split.conflict == "residual":
-        main_name += "-residual"
-    variants = [Variant(main_name, cfg.split.method, out, list(cfg.merge.operators), cfg.split.r)]
+    variants = [Variant(main_row(cfg), cfg.split.method, out, list(cfg.merge.operators), cfg.split.r)]
     if cfg.baselines.random:
         for kr in cfg.baselines.random_k or [k]:
             if cfg.split.method == "random" and kr == k:

@@ -91,9 +91,9 @@ def inspect_run(root: Path) -> RunFolder:
 
 def _main_name(cfg) -> str:
     """The results.json row of the main split's token-weighted merge (as pipeline.stage_split names it)."""
-    if cfg.split.method == "manual":
-        return f"manual-k{len(cfg.split.groups)}"
-    return f"merit-r{cfg.split.r}" if cfg.split.method == "pca-median" else f"{cfg.split.method}-k{cfg.groups}"
+    from merit.pipeline import main_row
+
+    return main_row(cfg)
 
 
 def _merge_of(root: Path, base: Path, name: str) -> Merge:

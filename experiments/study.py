@@ -1,0 +1,401 @@
+"""The powered SmolLM2 × BIG-bench study (docs/results.md): resumable, unit by unit, from committed results.
+
+    python experiments/study.py plan      [--preset full]          # the units, their settings and budget
+    python experiments/study.py run       [--preset full] [--commit] [--only UNIT ...] [--max-units N]
+    python experiments/study.py summarize [--preset full] [--out docs/results.md]
+
+A *unit* is one ``merit run`` of the study's config with a few ``--set`` overrides, in its own run folder
+under ``runs/study-<preset>/``. When it finishes, its compact results — results.json, the per-item eval
+files, diagnose.json, the split plans and conflict matrices, the config — are copied to
+``experiments/results/<preset>/<unit>/`` with a ``unit.json`` (settings, seconds, machine, git commit),
+and with ``--commit`` committed at once. A unit whose ``unit.json`` is there with the same settings is
+done: the study resumes from what is committed, on any machine, without the run folders (which hold the
+checkpoints and are never committed). Units run in order:
+
+1. ``lr-<lr>`` for each learning rate of the sweep (seed 0): joint and MERIT at the main r. The study's
+   learning rate is the one with the lowest joint in-mixture held-out loss.
+2. For each seed: ``s<seed>`` (base, joint, MERIT at the main r, random at the main K, with the
+   diagnose stage; seed 0 adds joint at 0.5 and 2 epochs, soup-2 and random at K = 2), then
+   ``s<seed>-r<r>`` for the other r (MERIT and nothing else), and on seed 0 ``s0-residual`` (MERIT on
+   residual-gradient conflicts, ``split.conflict: residual``).
+
+Seed 0's ``s0`` folder is the sweep's folder at the chosen learning rate, so its joint and MERIT runs
+are not trained twice (the pipeline resumes them by key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What the study runs: one config and the grid of units around it."""
+
+    name: str
+    config: dict  # a merit run config (paths absolute or relative to the repository root)
+    learning_rates: list[float]
+    seeds: list[int]
+    r_main: int
+    r_other: list[int] = field(default_factory=list)
+    residual: bool = True
+    seed0_extras: dict = field(default_factory=dict)  # --set values of s0 only (budgets, soups, K = 2)
+    sweep_sets: dict = field(default_factory=dict)  # --set values of the learning-rate sweep only
+    # The budget model's constants on the machine the study runs on (seconds): one optimizer step of
+    # the config's batch, one scored evaluation item, one loss evaluation of the diagnose sample.
+    step_seconds: float = 3.0
+    item_seconds: float = 0.2
+    diagnose_eval_seconds: float = 6.0
+    eval_items: tuple[int, int] = (0, 0)  # (in-mixture, transfer) items per checkpoint, for the budget
+
+
+# 24 training tasks: the 12 of the pilot (docs/results-pilot.md) and 12 more with short prompts; the 24
+# others of the development mixture are the transfer set, all their held-out lines.
+MIXTURE = [
+    "arithmetic", "unnatural_in_context_learning__unnatural_addition_2_digit",
+    "unnatural_in_context_learning__identity", "unnatural_in_context_learning__reverse_natural_content",
+    "unnatural_in_context_learning__dates", "unnatural_in_context_learning__dates_unnatural_form",
+    "word_unscrambling", "object_counting", "hyperbaton", "sports_understanding", "strategyqa", "anachronisms",
+    "auto_categorization", "color", "international_phonetic_alphabet_transliterate", "matrixshapes", "operators",
+    "simp_turing_concept", "qa_wikidata", "tense", "ruin_names", "snarks", "disambiguation_qa", "winowhy",
+]
+TRANSFER = [
+    "ascii_word_recognition", "contextual_parametric_knowledge_conflicts", "date_understanding",
+    "epistemic_reasoning", "formal_fallacies_syllogisms_negation", "intent_recognition", "logical_deduction",
+    "logical_fallacy_detection", "misconceptions", "modified_arithmetic", "moral_permissibility",
+    "movie_dialog_same_or_different",
+    "natural_instructions__subtask004_mctaco_answer_generation_event_duration",
+    "natural_instructions__subtask005_mctaco_wrong_answer_generation_event_duration",
+    "natural_instructions__subtask033_winogrande_answer_generation",
+    "natural_instructions__subtask039_qasc_find_overlapping_words",
+    "natural_instructions__subtask041_qasc_answer_generation",
+    "natural_instructions__subtask050_multirc_answerability", "presuppositions_as_nli", "social_support",
+    "temporal_sequences", "unnatural_in_context_learning__dates_unnatural_content",
+    "unnatural_in_context_learning__reverse_to_natural_content", "vitaminc_fact_verification",
+]
+BIGBENCH = str((ROOT.parent / "shared" / "data" / "bigbench-mix").resolve())
+
+FULL = Preset(
+    name="full",
+    config={
+        "name": "study", "seed": 0, "model": {"preset": "smollm2-135m-instruct"},
+        "mixture": {"dir": BIGBENCH, "include": MIXTURE, "max_train_per_source": 80, "max_length": 256},
+        "grads": {"calibration_size": 24, "batch_size": 8},
+        "split": {"r": 2},
+        # bf16 mixed precision (fp32 master weights): ~1.5× cheaper steps on this CPU (benchmarks/train_results.md)
+        "train": {"learning_rate": 1.0e-4, "batch_size": 8, "epochs": 1, "warmup_ratio": 0.1, "precision": "bf16"},
+        "merge": {"operators": ["token-weighted"]},
+        "eval": {"max_per_source": None, "batch_size": 16, "max_new_tokens": 16, "normalize": "lower",
+                 "transfer": {"dir": BIGBENCH, "include": TRANSFER, "max_per_source": None}},
+        # 11-point paths, 2 ± draws, 8 examples per source: ~150 loss evaluations of 192 examples per unit
+        # (L(θ̄) then differs from results.json's, which uses every held-out line).
+        "diagnose": {"alphas": 11, "draws": 2, "max_per_source": 8},
+        "launch": {"save_steps": 50},
+    },
+    learning_rates=[3.0e-5, 1.0e-4, 3.0e-4],
+    seeds=[0, 1, 2],
+    r_main=2,
+    r_other=[1],
+    seed0_extras={"baselines.joint_epochs": [0.5, 1, 2], "baselines.soups": [2], "baselines.random_k": [2, 4]},
+    sweep_sets={"eval.transfer": None},  # the sweep selects on in-mixture held-out loss
+    # bf16 steps of 8 × ~100 tokens and batched scoring on the 2-core development machine
+    # (benchmarks/train_results.md, benchmarks/eval_results.md); the held-out lines of the two task sets.
+    step_seconds=3.0, item_seconds=0.2, diagnose_eval_seconds=6.0, eval_items=(1986, 2136),
+)
+
+
+def tiny_preset(data: Path, transfer: Path, model: Path | None = None) -> Preset:
+    """The CI version: the tiny model (or the checkpoint ``model``) on a 2-task mixture in ``data`` (train/
+    and eval/) with the transfer sources in ``transfer`` (their eval/), 1 seed, r = 1."""
+    return Preset(
+        name="tiny",
+        config={
+            "name": "study-tiny", "seed": 0, "model": {"path": str(model)} if model else {"preset": "tiny"},
+            "mixture": {"dir": str(data), "max_length": 48},
+            "grads": {"calibration_size": 8, "batch_size": 8},
+            "split": {"r": 1},
+            "train": {"learning_rate": 1.0e-3, "batch_size": 8, "epochs": 1},
+            "merge": {"operators": ["token-weighted"]},
+            "eval": {"max_per_source": 4, "batch_size": 16, "max_new_tokens": 4, "bootstrap": 200,
+                     "transfer": {"dir": str(transfer)}},
+            "diagnose": {"alphas": 3, "draws": 1},
+            "launch": {"save_steps": None},
+        },
+        learning_rates=[1.0e-3, 3.0e-3],
+        seeds=[0],
+        r_main=1,
+        residual=True,
+        seed0_extras={"baselines.joint_epochs": [0.5, 1]},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    folder: str  # run folder name under runs/study-<preset>/
+    sets: dict  # --set overrides (values as YAML)
+
+    def overrides(self) -> list[str]:
+        return [f"{k}={json.dumps(v)}" for k, v in self.sets.items()]
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def sweep_units(p: Preset) -> list[Unit]:
+    return [Unit(f"lr-{_lr_tag(lr)}", f"s0-lr{_lr_tag(lr)}",
+                 {"seed": 0, "train.learning_rate": lr, "split.r": p.r_main, "baselines.random": False,
+                  **p.sweep_sets})
+            for lr in p.learning_rates]
+
+
+def main_units(p: Preset, lr: float) -> list[Unit]:
+    """The units at the study's learning rate, in the order they run."""
+    units = []
+    for seed in p.seeds:
+        base = {"seed": seed, "train.learning_rate": lr}
+        extras = p.seed0_extras if seed == 0 else {"baselines.random_k": [2**p.r_main]}
+        units.append(Unit(f"s{seed}", f"s{seed}-lr{_lr_tag(lr)}",
+                          {**base, "split.r": p.r_main, **extras, "diagnose.enabled": True}))
+        for r in p.r_other:
+            units.append(Unit(f"s{seed}-r{r}", f"s{seed}-lr{_lr_tag(lr)}-r{r}",
+                              {**base, "split.r": r, "baselines.joint": False, "baselines.random": False,
+                               "diagnose.enabled": True}))
+        if p.residual and seed == 0:
+            units.append(Unit("s0-residual", f"s0-lr{_lr_tag(lr)}-residual",
+                              {**base, "split.r": p.r_main, "split.conflict": "residual", "baselines.joint": False,
+                               "baselines.random": False, "diagnose.enabled": True}))
+    return units
+
+
+def estimate(p: Preset, unit: Unit, earlier: list[Unit]) -> dict:
+    """The budget model of one unit: epochs trained, checkpoints scored, hours (training, evaluation,
+    diagnosis). A folder that an earlier unit already ran (s0 is the sweep's folder) costs only what it adds."""
+    def rows(sets: dict) -> tuple[float, int, bool]:
+        epochs, ckpts = 1.0, 2  # the main split's branches (one epoch in all) and its merge; θ(0)
+        if sets.get("baselines.joint", True):
+            budgets = [e for e in sets.get("baselines.joint_epochs") or [] if e != 1]
+            soups = sets.get("baselines.soups") or []
+            epochs += 1 + sum(budgets) + (max(soups) - 1 if soups else 0)
+            ckpts += 1 + len(budgets) + len(soups)
+        if sets.get("baselines.random", True):
+            randoms = sets.get("baselines.random_k") or [2 ** sets.get("split.r", p.r_main)]
+            epochs += len(randoms)
+            ckpts += len(randoms)
+        transfer = "eval.transfer" not in sets or sets["eval.transfer"] is not None
+        return epochs, ckpts, transfer
+
+    epochs, ckpts, transfer = rows(unit.sets)
+    before = [u for u in earlier if u.folder == unit.folder]
+    if before:
+        e0, c0, t0 = rows(before[-1].sets)
+        epochs -= e0
+        new_items = (ckpts - c0) * p.eval_items[0] + (ckpts * p.eval_items[1] if transfer and not t0 else 0)
+    else:
+        new_items = ckpts * (p.eval_items[0] + (p.eval_items[1] if transfer else 0))
+    data = p.config["mixture"]
+    steps = len(data.get("include") or []) * (data.get("max_train_per_source") or 0) / p.config["train"]["batch_size"]
+    train_h = epochs * steps * p.step_seconds / 3600
+    eval_h = new_items * p.item_seconds / 3600
+    k = 2 ** unit.sets.get("split.r", p.r_main)
+    evaluations = (k * (k - 1) // 2 + k) * p.config.get("diagnose", {}).get("alphas", 21) + 3 * 3 * 2 * 2
+    diag_h = evaluations * p.diagnose_eval_seconds / 3600 if unit.sets.get("diagnose.enabled") else 0.0
+    return {"epochs": epochs, "checkpoints": ckpts, "items": new_items, "train_h": train_h, "eval_h": eval_h,
+            "diagnose_h": diag_h, "hours": train_h + eval_h + diag_h}
+
+
+def chosen_lr(p: Preset, results: Path) -> float | None:
+    """The sweep's learning rate with the lowest joint in-mixture held-out loss (None until all have run)."""
+    losses = {}
+    for u, lr in zip(sweep_units(p), p.learning_rates):
+        res = results / u.name / "results.json"
+        if not res.exists():
+            return None
+        losses[lr] = json.loads(res.read_text())["methods"]["joint"]["loss"]
+    return min(losses, key=losses.get)
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def is_done(unit: Unit, results: Path) -> bool:
+    info = results / unit.name / "unit.json"
+    return info.exists() and json.loads(info.read_text()).get("sets") == unit.sets
+
+
+COMPACT = ["results.json", "config.yaml", "split/plan.json", "split/conflict.json", "split/pca.json",
+           "diagnose/diagnose.json", "grads/manifest.json"]
+
+
+def collect(run: Path, target: Path) -> list[Path]:
+    """Copy the run's compact files (never checkpoints) into ``target``; returns what was copied."""
+    copied = []
+    files = [run / f for f in COMPACT] + sorted((run / "eval").glob("*.json"))
+    files += sorted((run / "baselines").glob("*/split/plan.json"))
+    for f in files:
+        if f.is_file():
+            dest = target / f.relative_to(run)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+            copied.append(dest)
+    return copied
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu or platform.processor(), "python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_unit(p: Preset, unit: Unit, runs: Path, results: Path, config_path: Path) -> Path:
+    from merit.cli import main as merit
+
+    folder = runs / unit.folder
+    started = time.time()
+    rc = merit(["run", str(config_path), "--out", str(folder), *sum((["--set", s] for s in unit.overrides()), [])])
+    if rc != 0:
+        raise SystemExit(f"study: unit {unit.name} failed (merit run exit {rc}); its log is in {folder}")
+    target = results / unit.name
+    if target.exists():
+        shutil.rmtree(target)
+    tmp = results / f".{unit.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    collect(folder, tmp)
+    (tmp / "unit.json").write_text(json.dumps({
+        "unit": unit.name, "preset": p.name, "sets": unit.sets, "folder": str(folder),
+        "seconds": round(time.time() - started, 1), "machine": machine(), "commit": git_commit(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }, indent=2) + "\n")
+    os.replace(tmp, target)  # a unit's folder appears complete or not at all
+    return target
+
+
+def commit(paths: list[Path], message: str) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "add", "--", *map(str, paths)], check=True)
+    subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m", message, "--", *map(str, paths)], check=False)
+
+
+def write_config(p: Preset, runs: Path) -> Path:
+    import yaml
+
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / "study.yaml"
+    path.write_text(yaml.safe_dump(p.config, sort_keys=False))
+    return path
+
+
+def run(p: Preset, runs: Path, results: Path, *, only: list[str] | None = None, max_units: int | None = None,
+        do_commit: bool = False, summary_out: Path | None = None) -> list[str]:
+    """Run every unit not yet done, in order; returns the names of the units run now."""
+    config_path = write_config(p, runs)
+    ran: list[str] = []
+
+    def todo(units: list[Unit]) -> list[Unit]:
+        return [u for u in units if (only is None or u.name in only) and not is_done(u, results)]
+
+    for stage in ("sweep", "main"):
+        if stage == "sweep":
+            units = sweep_units(p)
+        else:
+            lr = chosen_lr(p, results)
+            if lr is None:
+                break
+            units = main_units(p, lr)
+        for u in todo(units):
+            if max_units is not None and len(ran) >= max_units:
+                return ran
+            print(f"study: unit {u.name} ({' '.join(u.overrides())})", flush=True)
+            target = run_unit(p, u, runs, results, config_path)
+            ran.append(u.name)
+            paths = [target]
+            if summary_out is not None:
+                from study_summary import write_summary
+
+                paths += write_summary(p, results, summary_out)
+            if do_commit:
+                commit(paths, f"study ({p.name}): unit {u.name}")
+    return ran
+
+
+def plan_text(p: Preset, results: Path) -> str:
+    lr = chosen_lr(p, results)
+    lines = [f"study preset {p.name}: sweep {p.learning_rates}, seeds {p.seeds}, r {p.r_main} (+{p.r_other})"]
+    for u in sweep_units(p) + (main_units(p, lr) if lr is not None else []):
+        lines.append(f"  [{'done' if is_done(u, results) else 'todo'}] {u.name:14s} {' '.join(u.overrides())}")
+    if lr is None:
+        lines.append("  (the units at the chosen learning rate are listed once the sweep has run)")
+    return "\n".join(lines)
+
+
+def preset_named(name: str, data: Path | None) -> Preset:
+    if name == "full":
+        return FULL
+    if name == "tiny":
+        if data is None:
+            raise SystemExit("study: --preset tiny needs --data DIR (a mixture folder with train/ and eval/, "
+                             "and DIR-transfer/ with eval/)")
+        return tiny_preset(data, data.with_name(f"{data.name}-transfer"))
+    raise SystemExit(f"study: unknown preset {name!r}; use full or tiny")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=["plan", "run", "summarize"])
+    ap.add_argument("--preset", default="full")
+    ap.add_argument("--data", type=Path, help="tiny preset: its mixture folder")
+    ap.add_argument("--runs", type=Path, help="run folders (default runs/study-<preset>)")
+    ap.add_argument("--results", type=Path, help="compact results (default experiments/results/<preset>)")
+    ap.add_argument("--out", type=Path, help="summary page (default docs/results.md for full)")
+    ap.add_argument("--only", nargs="+", help="run only these units")
+    ap.add_argument("--max-units", type=int, help="stop after this many units")
+    ap.add_argument("--commit", action="store_true", help="git commit each unit's results as it finishes")
+    args = ap.parse_args(argv)
+    p = preset_named(args.preset, args.data)
+    runs = args.runs or ROOT / "runs" / f"study-{p.name}"
+    results = args.results or RESULTS / p.name
+    out = args.out or (ROOT / "docs" / "results.md" if p.name == "full" else results / "summary.md")
+    sys.path.insert(0, str(Path(__file__).parent))
+    if args.command == "plan":
+        print(plan_text(p, results))
+    elif args.command == "run":
+        ran = run(p, runs, results, only=args.only, max_units=args.max_units, do_commit=args.commit,
+                  summary_out=out)
+        print(f"study: ran {len(ran)} unit(s): {', '.join(ran) or 'none (all done)'}")
+    else:
+        from study_summary import write_summary
+
+        for path in write_summary(p, results, out):
+            print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

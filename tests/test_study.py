@@ -1,0 +1,67 @@
+"""The powered study's script and summariser on the tiny preset: units run, results are collected and
+the study resumes from the collected files alone (no run folders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_mixture_dir
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(EXPERIMENTS))
+    import study as module
+
+    yield module
+    sys.path.remove(str(EXPERIMENTS))
+
+
+def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_checkpoint, capsys):
+    from study_summary import write_summary
+
+    data = make_mixture_dir(tmp_path / "mix", names=["upper_copy", "lower_rev"], n_train=16, n_eval=4)
+    transfer = make_mixture_dir(tmp_path / "mix-transfer", names=["upper_rev"], n_train=4, n_eval=4)
+    preset = study.tiny_preset(data, transfer, tiny_checkpoint)
+    runs, results, page = tmp_path / "runs", tmp_path / "results", tmp_path / "results.md"
+    ran = study.run(preset, runs, results, summary_out=page)
+    # the sweep (2 learning rates), then the seed at the chosen one, then the residual-conflict row
+    assert ran == ["lr-0.001", "lr-0.003", "s0", "s0-residual"]
+    lr = study.chosen_lr(preset, results)
+    losses = {u: json.loads((results / u / "results.json").read_text())["methods"]["joint"]["loss"]
+              for u in ("lr-0.001", "lr-0.003")}
+    assert lr == (0.001 if losses["lr-0.001"] <= losses["lr-0.003"] else 0.003)
+    s0 = results / "s0"
+    info = json.loads((s0 / "unit.json").read_text())
+    assert info["sets"]["train.learning_rate"] == lr and info["machine"]["cpus"] >= 1
+    for f in ("results.json", "config.yaml", "split/plan.json", "diagnose/diagnose.json", "eval/joint.json",
+              "eval/merit-r1.transfer.json", "eval/joint-0.5ep.json"):
+        assert (s0 / f).is_file(), f
+    assert not list(results.rglob("*.safetensors"))  # never a checkpoint
+    assert (results / "s0-residual" / "eval" / "merit-r1-residual.json").is_file()
+
+    # Resume from the collected files alone: the run folders are gone, nothing is rerun.
+    shutil.rmtree(runs)
+    assert study.run(preset, runs, results) == []
+    assert "[done] s0-residual" in study.plan_text(preset, results)
+
+    text = page.read_text()
+    for heading in ("## Design", "### Power", "## Learning-rate sweep", "## In-mixture held-out tasks",
+                    "## Transfer", "## Diagnostics per seed", "## Research row", "## The paper's claims"):
+        assert heading in text, heading
+    assert "Units done: 4 of 4" in text
+    # The verdicts come from the files: joint's row equals its own results.json score.
+    joint = json.loads((s0 / "results.json").read_text())["methods"]["joint"]
+    assert f"| joint | 1 | {100 * joint['macro']:.1f} [" in text
+    assert sum(line.startswith(("1. ", "2. ")) for line in text.splitlines()) == 2
+    assert any(w in text for w in ("**reproduced**", "**not reproduced**", "**not resolved**"))
+    # A summary of a study that has not started says so, and decides nothing.
+    empty = write_summary(preset, tmp_path / "none", tmp_path / "empty.md")[0].read_text()
+    assert "Units done: 0 of 2" in empty and "Not decided" in empty
