@@ -71,7 +71,9 @@ def inspect_run(root: Path) -> RunFolder:
         raise MeritError(f"{main.merged}: a vision-language checkpoint; merit diagnose measures text-only runs "
                          "for now (its loss would not be results.json's)")
     random = None
-    for base in sorted((root / "baselines").glob("random-k*")):
+    # The random split at the main split's K first (the comparison at equal K), then any other.
+    same_k = root / "baselines" / f"random-k{len(main.branches)}"
+    for base in sorted((root / "baselines").glob("random-k*"), key=lambda b: (b != same_k, b.name)):
         try:
             random = _merge_of(root, base, base.name)
         except MeritError as e:  # an unfinished baseline is left out, and said so
