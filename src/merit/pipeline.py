@@ -773,7 +773,11 @@ def stage_diagnose(cfg: RunConfig, out: Path, checkpoints: dict[str, tuple[Path,
     d = cfg.diagnose
     settings = Settings(alpha_grid(d.alphas), d.max_per_source, d.calibration_size, list(d.sigmas), d.draws,
                         None, d.antithetic)
-    key = artifacts.fingerprint("diagnose/1", {row: k for row, (_, k) in checkpoints.items()}, asdict(settings))
+    # What diagnose reads: θ(0), joint, the main split's token-weighted merge and the random splits (not
+    # the other joint budgets, soups or operators: adding one of those does not redo the diagnosis).
+    read = {"base", "joint", main_row(cfg)}
+    key = artifacts.fingerprint("diagnose/1", {row: k for row, (_, k) in checkpoints.items()
+                                               if row in read or row.startswith("random-k")}, asdict(settings))
     target = out / "diagnose"
     if (target / "diagnose.json").exists() and artifacts.read_json(target / "diagnose.json").get("key") == key:
         log("diagnose: up to date")
