@@ -311,3 +311,113 @@ def test_parameters_resolve_with_defaults_and_typed():
     assert iso_cts.resolve_params({"alpha": 1.5}) == {"alpha": 1.5, "common_space_fraction": 0.8}
     with pytest.raises(ConfigError, match="^merge.params.star.eta: must be in"):
         star.resolve_params({"eta": -1}, key=lambda p: f"merge.params.star.{p}")
+
+
+# ------------------------------------------------------------- merge.params: config → the merge stage
+
+
+@pytest.fixture(scope="module")
+def branch_run(tmp_path_factory):
+    """θ(0) and two trained-looking branches laid out as a run's ``branches/<k>/`` with their manifests."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from merit.models.loading import checkpoint_hash
+
+    root = tmp_path_factory.mktemp("merge_params")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(root / "theta0")
+    h = checkpoint_hash(root / "theta0")
+    for k in range(2):
+        torch.manual_seed(k + 1)
+        folder = root / "variant" / "branches" / str(k)
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        (folder / "manifest.json").write_text(json.dumps({"key": f"branch{k}", "theta0": str(root / "theta0"),
+                                                          "theta0_hash": h}))
+    return root
+
+
+def _stage_merge(root, ops, params=None, target_root=None):
+    from merit.config import load_config
+    from merit.pipeline import Variant, check, stage_merge
+
+    cfg = load_config({"model": {"preset": "tiny"}, "mixture": {"builtin": {}},
+                       "merge": {"operators": ops, **({"params": params} if params is not None else {})}})
+    check(cfg)
+    variant = Variant("merit-r1", "pca-median", target_root or root / "variant", ops, 1, plan={"weights": [0.75, 0.25]})
+    if target_root is not None and not (target_root / "branches").exists():
+        import shutil
+
+        shutil.copytree(root / "variant" / "branches", target_root / "branches")
+    return stage_merge(cfg, [variant], {"merit-r1": ["branch0", "branch1"]})
+
+
+def test_unset_params_keep_the_merge_keys_of_earlier_runs(branch_run, tmp_path):
+    from merit import artifacts
+
+    merged = _stage_merge(branch_run, ["token-weighted", "ties"], target_root=tmp_path / "a")
+    for op, row in (("token-weighted", "merit-r1"), ("ties", "merit-r1-ties")):
+        # The key formula before merge.params existed: old run folders still resume.
+        assert merged[row][1] == artifacts.fingerprint("merge", op, ["branch0", "branch1"], [0.75, 0.25])
+    # A default written out is the same merge, hence the same key.
+    again = _stage_merge(branch_run, ["ties"], {"ties": {"density": 0.2}}, target_root=tmp_path / "a")
+    assert again["merit-r1-ties"][1] == merged["merit-r1-ties"][1]
+
+
+def test_params_reach_the_operator_and_the_key(branch_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from merit.merge.operators import ties
+
+    default = _stage_merge(branch_run, ["ties"], target_root=tmp_path / "d")["merit-r1-ties"]
+    dense = _stage_merge(branch_run, ["ties"], {"ties": {"density": 0.6}}, target_root=tmp_path / "e")["merit-r1-ties"]
+    assert dense[1] != default[1]
+    a, b = (load_file(str(p / "model.safetensors")) for p, _ in (default, dense))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(a[name], b[name])
+    states = [load_file(str(branch_run / "variant" / "branches" / str(k) / "model.safetensors")) for k in range(2)]
+    base = load_file(str(branch_run / "theta0" / "model.safetensors"))
+    expected = ties([s[name] for s in states], [0.75, 0.25], base=base[name], density=0.6)
+    torch.testing.assert_close(b[name], expected, rtol=0, atol=1e-6)
+    import json
+
+    assert json.loads((dense[0] / "manifest.json").read_text())["params"] == {"density": 0.6, "lam": 1.0}
+    # An SVD operator through the same stage, with its own parameter.
+    star_row = _stage_merge(branch_run, ["star"], {"star": {"eta": 70}}, target_root=tmp_path / "s")["merit-r1-star"]
+    out = load_file(str(star_row[0] / "model.safetensors"))
+    torch.testing.assert_close(out[name], star([s[name] for s in states], [0.75, 0.25], base=base[name], eta=70.0),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"ties": {"eta": 40}}, r"^merge\.params\.ties\.eta: merge operator 'ties' takes density, lam; got eta$"),
+    ({"ties": {"density": 1.5}}, r"^merge\.params\.ties\.density: must be in \(0, 1\], got 1\.5$"),
+    ({"ties": {"density": 0}}, r"^merge\.params\.ties\.density: must be in \(0, 1\], got 0$"),
+    ({"star": {"eta": 400}}, r"^merge\.params\.star\.eta: must be in \(0, 100\]"),
+    ({"nope": {"x": 1}}, r"^merge\.params\.nope: unknown merge 'nope'; known: dare, "),
+    ({"model-stock": {"alpha": 1}}, r"^merge\.params\.model-stock\.alpha: .* takes no parameters"),
+])
+def test_bad_merge_params_are_config_errors_naming_the_key(params, message):
+    from merit.config import load_config
+    from merit.pipeline import check
+
+    cfg = load_config({"model": {"preset": "tiny"}, "mixture": {"builtin": {}}, "merge": {"params": params}})
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)
+
+
+def test_merit_run_refuses_bad_merge_params_before_any_work(tmp_path, capsys):
+    import yaml
+
+    from merit.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "mixture": {"builtin": {}},
+                                   "merge": {"operators": ["ties"], "params": {"ties": {"density": 2}}}}))
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    assert "merge.params.ties.density: must be in (0, 1]" in capsys.readouterr().err
+    assert not out.exists()
