@@ -124,7 +124,8 @@ def merge_checkpoints(branches: Sequence[Path], weights: Sequence[float] | None,
         out: the folder to create; replaced in one rename when complete.
         base: θ(0), for operators on task vectors and for the θ(0)-hash check; also the source of config
             and tokenizer files when given.
-        params: operator hyper-parameters (``density``, ``lam``, ``rescale``, ``seed``).
+        params: operator hyper-parameters (``density``, ``lam``, ``rescale``, ``seed``, ``eta``, ``alpha``,
+            ``rank_fraction``, ``common_space_fraction``; each operator takes its own, see ``docs/merging.md``).
         dtype: output dtype of floating tensors (``float32``, ``bfloat16``, ``float16``); default: the inputs'.
         shard_size: the most tensor bytes per output shard (``5GB``, ``500MB`` or an int).
         allow_different_base: merge even if the branches' manifests name different θ(0) hashes.

@@ -291,7 +291,46 @@ def dare_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base
 
 
 def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.linalg.svd(m, full_matrices=False)  # U (out, r), S (r,) descending, Vᵀ (r, in)
+    """Thin SVD: U (out, r), S (r,) descending, Vᵀ (r, in), in ``m``'s dtype.
+
+    LAPACK's divide-and-conquer driver (gesdd, torch's CPU SVD) can fail to converge on matrices with
+    many repeated (near-)zero singular values, which Iso-CTS's residuals τ_k − U_c U_cᵀ τ_k are by
+    construction (measured: a 576×576 residual of rank ≤ 116 failed in fp32). Then the SVD is retried in
+    fp64, and if that fails too it is taken from the eigendecomposition of the smaller Gram matrix
+    (a symmetric eigensolver always converges; its small singular vectors are less accurate, and they
+    carry singular values near 0)."""
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    wide = m.double()
+    try:
+        u, s, vt = torch.linalg.svd(wide, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vt = _svd_by_gram(wide)
+    return u.to(m.dtype), s.to(m.dtype), vt.to(m.dtype)
+
+
+def _svd_by_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # mᵀm = V S² Vᵀ (for a tall m; a wide one is transposed first), then U = m V / S where S > 0 and any
+    # orthonormal completion elsewhere (those columns are multiplied by S = 0 when reconstructing).
+    if m.shape[0] < m.shape[1]:
+        u, s, vt = _svd_by_gram(m.T)
+        return vt.T, s, u.T
+    evals, v = torch.linalg.eigh(m.T @ m)  # ascending
+    s = evals.flip(0).clamp(min=0).sqrt()
+    v = v.flip(1)
+    u = m @ v
+    # Below σ_max · √eps a singular value is lost in the squaring: treat it as 0.
+    positive = s > s.max() * (m.shape[1] * torch.finfo(m.dtype).eps) ** 0.5 if s.numel() else s > 0
+    u[:, positive] /= s[positive]
+    if not bool(positive.all()):
+        gen = torch.Generator(device=m.device).manual_seed(0)  # a deterministic completion
+        filler = torch.randn(m.shape[0], int((~positive).sum()), dtype=m.dtype, device=m.device, generator=gen)
+        q, r = torch.linalg.qr(torch.cat([u[:, positive], filler], 1))
+        # Householder QR may flip a column's sign: undo it, so the kept columns are U's own.
+        u = q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+    return u, s * positive, v.T
 
 
 def _orthogonalise(m: torch.Tensor) -> torch.Tensor:
