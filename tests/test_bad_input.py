@@ -197,6 +197,15 @@ def test_unknown_names_list_the_known(capsys, tmp_path, config, changes, needle)
     bad_run(capsys, config(changes), tmp_path / "run", needle, "known:")
 
 
+@pytest.mark.parametrize("changes, needle", [
+    ({"merge.params": {"ties": {"eta": 40}}}, "merge.params.ties.eta: merge operator 'ties' takes density, lam"),
+    ({"merge.params": {"ties": {"density": 1.5}}}, "merge.params.ties.density: must be in (0, 1], got 1.5"),
+    ({"merge.params": {"avg": {"x": 1}}}, "merge.params.avg: unknown merge 'avg'; known:"),
+])
+def test_bad_merge_params_name_the_key(capsys, tmp_path, config, changes, needle):
+    bad_run(capsys, config(changes), tmp_path / "run", needle)
+
+
 def test_unknown_until_stage(capsys, tmp_path, config):
     bad_run(capsys, config(), tmp_path / "run", "--until: unknown stage 'bogus'", extra=("--until", "bogus"))
 

@@ -120,7 +120,8 @@ def test_output_dtype_option(ckpts, tmp_path):
         assert torch.equal(a[name], b[name].to(torch.bfloat16))  # fp32 accumulation, one final rounding
 
 
-@pytest.mark.parametrize("method", ["token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties"])
+@pytest.mark.parametrize("method", ["token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties", "star", "tsv",
+                                    "iso-c", "iso-cts", "model-stock"])
 def test_engine_equals_the_operator_on_whole_tensors(ckpts, tmp_path, method):
     op = checkpoint.resolve(method)
     params = op.resolve_params({"density": 0.5} if "density" in op.params else {})

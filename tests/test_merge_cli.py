@@ -136,3 +136,56 @@ def test_real_command_exit_code_and_one_line_message(ckpts, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--base" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "star", "--eta", "0"], r"--eta: must be in \(0, 100\], got 0"),
+    (["--method", "tsv", "--rank-fraction", "1.5"], r"--rank-fraction: must be in \(0, 1\]"),
+    (["--method", "iso-cts", "--common-space-fraction", "2"], r"--common-space-fraction: must be in \[0, 1\]"),
+    (["--method", "iso-c", "--alpha", "nan"], r"--alpha: must be a finite number"),
+    (["--method", "ties", "--density", "0"], r"--density: must be in \(0, 1\], got 0"),
+    (["--method", "tsv", "--density", "0.5"], "--density does not apply to --method tsv"),
+    (["--method", "star", "--alpha", "2"], "--alpha does not apply to --method star"),
+    (["--method", "model-stock", "--eta", "40"], "--eta does not apply to --method model-stock"),
+    (["--method", "star"], "give θ\\(0\\) with --base"),
+])
+def test_spectral_method_errors_exit_2_and_write_nothing(ckpts, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    base = [] if extra == ["--method", "star"] else ["--base", str(ckpts["base"])]
+    assert main(["merge", "--out", str(out), *base, *extra, *map(str, ckpts["branches"])]) == 2
+    assert re.search(message, _err_line(capsys))
+    assert not out.exists()
+
+
+def test_spectral_methods_take_their_flags(ckpts, tmp_path):
+    from merit.merge.spectral import iso_cts
+
+    out = tmp_path / "iso"
+    assert main(["merge", "--out", str(out), "--method", "iso-cts", "--base", str(ckpts["base"]), "--alpha", "1.2",
+                 "--common-space-fraction", "0.5", *map(str, ckpts["branches"])]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["operator"] == "iso-cts" and manifest["params"] == {"alpha": 1.2, "common_space_fraction": 0.5}
+    name = "model.layers.0.mlp.up_proj.weight"
+    branches = [load_file(str(p / "model.safetensors"))[name] for p in ckpts["branches"]]
+    base = load_file(str(ckpts["base"] / "model.safetensors"))[name]
+    torch.testing.assert_close(load_file(str(out / "model.safetensors"))[name],
+                               iso_cts(branches, manifest["weights"], base=base, alpha=1.2, common_space_fraction=0.5),
+                               rtol=0, atol=1e-6)
+    other = tmp_path / "iso-default"
+    assert main(["merge", "--out", str(other), "--method", "iso-cts", "--base", str(ckpts["base"]),
+                 *map(str, ckpts["branches"])]) == 0
+    assert json.loads((other / "manifest.json").read_text())["key"] != manifest["key"]
+
+
+def test_export_mergekit_model_stock_and_refusal_for_spectral_methods(ckpts, tmp_path, capsys):
+    cfg = tmp_path / "stock.yml"
+    assert main(["merge", "--out", str(tmp_path / "o"), "--method", "model-stock", "--base", str(ckpts["base"]),
+                 "--export-mergekit", str(cfg), "--export-only", *map(str, ckpts["branches"])]) == 0
+    doc = yaml.safe_load(cfg.read_text())
+    assert doc["merge_method"] == "model_stock" and doc["base_model"] == str(ckpts["base"])
+    assert doc["parameters"] == {"filter_wise": False} and len(doc["models"]) == 2
+    refused = tmp_path / "tsv.yml"
+    assert main(["merge", "--out", str(tmp_path / "t"), "--method", "tsv", "--base", str(ckpts["base"]),
+                 "--export-mergekit", str(refused), *map(str, ckpts["branches"])]) == 2
+    assert "mergekit has no method equivalent to tsv" in _err_line(capsys)
+    assert not refused.exists() and not (tmp_path / "t").exists()

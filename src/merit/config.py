@@ -357,6 +357,10 @@ class MergeConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """dtype of the merged checkpoint's floating tensors (merit accumulates in fp32 whatever this is).
     Default: the branches' dtype."""
+    params: dict[str, dict[str, Any]] = {}
+    """Operator hyper-parameters, by operator name: ``{ties: {density: 0.2}, star: {eta: 40}}``. Checked
+    against what each operator takes (``docs/merging.md``); unset parameters keep their defaults. A value
+    that differs from the default becomes part of that merge's key (changing it redoes only that merge)."""
 
 
 class BaselinesConfig(_Section):

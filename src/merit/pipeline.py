@@ -71,6 +71,10 @@ def check(cfg: RunConfig) -> None:
                           "sketch_dim × parameters per source; use ≤ 16384 (e.g. 1024) or countsketch")
     for i, op in enumerate(cfg.merge.operators):
         plugins.get("merge", op, field=f"merge.operators[{i}]")
+    for op in cfg.merge.params:
+        merge_params(cfg, op)
+        if op not in cfg.merge.operators:
+            warn(f"merge.params.{op}: {op} is not in merge.operators, so these parameters are not used")
     if not cfg.merge.operators:
         raise ConfigError("merge.operators: give at least one operator")
     plugins.get("launcher", cfg.launch.kind, field="launch.kind")
@@ -87,6 +91,18 @@ def check(cfg: RunConfig) -> None:
         if cfg.train.lora is not None:
             raise ConfigError("diagnose.enabled: LoRA branches are adapters, and diagnose needs dense "
                               "checkpoints; set diagnose.enabled: false (or train.lora: null)")
+
+
+def merge_params(cfg: RunConfig, op: str) -> tuple[dict, dict]:
+    """(every parameter of ``op``, defaults included; those of ``merge.params.<op>`` that differ from the
+    defaults). A ConfigError names ``merge.params.<op>[.<param>]`` for an unknown operator or parameter,
+    or a value out of range."""
+    operator = plugins.get("merge", op, field=f"merge.params.{op}")
+    given = cfg.merge.params.get(op) or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"merge.params.{op}: expected a mapping of parameter: value, got {given!r}")
+    resolved = operator.resolve_params(given, key=lambda p: f"merge.params.{op}.{p}")
+    return resolved, {p: resolved[p] for p in given if resolved[p] != operator.params[p]}
 
 
 def run(cfg: RunConfig, out: Path, until: str | None = None, *, gpu: str | None = None,
@@ -569,7 +585,11 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
         for op in v.operators:
             target = v.root / "merged" / op
             dtype = [cfg.merge.dtype] if cfg.merge.dtype else []  # only when set: earlier merges keep their keys
-            key = artifacts.fingerprint("merge", op, branch_keys[v.name], weights, *dtype)
+            params, changed = merge_params(cfg, op)
+            # Likewise only parameters set away from their defaults enter the key: run folders made
+            # before merge.params existed, or with the default written out, still resume.
+            key = artifacts.fingerprint("merge", op, branch_keys[v.name], weights, *dtype,
+                                        *([{"params": changed}] if changed else []))
             if not artifacts.is_done(target, key):
                 log(f"merge: {v.row(op)} ({op} over {len(folders)} branches)")
                 operator = plugins.get("merge", op)
@@ -579,7 +599,8 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
                     from merit.merge.lora import merge_lora
 
                     theta0 = Path(artifacts.read_manifest(folders[0])["theta0"])
-                    info = merge_lora(theta0, folders, weights, operator, target, dtype=cfg.merge.dtype)
+                    info = merge_lora(theta0, folders, weights, operator, target, dtype=cfg.merge.dtype,
+                                      params=params)
                 elif len(folders) == 1 and not cfg.merge.dtype:  # a partial merge left with one branch is that branch
                     import shutil
 
@@ -588,8 +609,9 @@ def stage_merge(cfg, variants, branch_keys) -> dict[str, tuple[Path, str]]:
                                         ignore=shutil.ignore_patterns(artifacts.MANIFEST))
                     info = {"copied_from": str(folders[0])}
                 else:
-                    info = merge_checkpoints(folders, weights, operator, target, base=base, dtype=cfg.merge.dtype)
-                artifacts.write_manifest(target, key, operator=op, branches=[str(f) for f in folders],
+                    info = merge_checkpoints(folders, weights, operator, target, base=base, params=params,
+                                             dtype=cfg.merge.dtype)
+                artifacts.write_manifest(target, key, operator=op, params=params, branches=[str(f) for f in folders],
                                          weights=weights, partial=bool(missing), missing=missing, **info)
             merged[v.row(op)] = (target, key)
     return merged

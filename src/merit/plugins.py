@@ -19,6 +19,7 @@ BUILTIN_MODULES = (
     "merit.conflict.compress",
     "merit.split.partition",
     "merit.merge.operators",
+    "merit.merge.spectral",
     "merit.launch.local",
     "merit.launch.ray",
     "merit.launch.slurm",

@@ -17,7 +17,8 @@ How it runs:
    WILLNEED) to start reading the tensor a few units ahead, so from a cold disk the next tensors load
    while the current ones merge, and the workers overlap one another's reads and arithmetic. A byte
    budget caps what all units in flight hold at (K + 2) × the largest tensor in fp32, or at one unit
-   when a single unit needs more (TIES / DARE hold ~4K fp32 copies of the tensor they merge).
+   when a single unit needs more (TIES / DARE hold ~4K fp32 copies of the tensor they merge; the SVD
+   operators star / tsv / iso-c / iso-cts hold the K task vectors, their factors and the result).
 4. Config, tokenizer and generation config are copied from θ(0) (or the first branch), and the folder
    is renamed into place (``artifacts.atomic_dir``): a merge that dies leaves only a hidden
    ``.<name>.tmp-*`` folder, which the next merge into the same folder removes.
@@ -136,7 +137,8 @@ def merge_checkpoints(branches: Sequence[Path], weights: Sequence[float] | None,
         out: the folder to create; replaced in one rename when complete.
         base: θ(0), for operators on task vectors and for the θ(0)-hash check; also the source of config
             and tokenizer files when given.
-        params: operator hyper-parameters (``density``, ``lam``, ``rescale``, ``seed``).
+        params: operator hyper-parameters (``density``, ``lam``, ``rescale``, ``seed``, ``eta``, ``alpha``,
+            ``rank_fraction``, ``common_space_fraction``; each operator takes its own, see ``docs/merging.md``).
         dtype: output dtype of floating tensors (``float32``, ``bfloat16``, ``float16``); default: the inputs'.
         shard_size: the most tensor bytes per output shard (``5GB``, ``500MB`` or an int).
         allow_different_base: merge even if the branches' manifests name different θ(0) hashes.

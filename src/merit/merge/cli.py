@@ -2,7 +2,8 @@
 
     merit merge --out DIR [--method token-weighted] [--base THETA0] [--weights 0.5,0.3,0.2]
                 [--dtype bfloat16] [--shard-size 5GB] [--allow-different-base]
-                [--density D] [--lambda L] [--no-rescale] [--seed S] [--export-mergekit FILE] CKPT1 CKPT2 ...
+                [--density D] [--lambda L] [--no-rescale] [--seed S] [--eta E] [--alpha A]
+                [--rank-fraction F] [--common-space-fraction F] [--export-mergekit FILE] CKPT1 CKPT2 ...
 
 Weights: ``--weights`` (normalised to sum 1, like mergekit's ``normalize: true``); without it, the
 branches' token counts when every branch folder has a merit manifest with ``tokens_seen`` (the paper's
@@ -21,7 +22,9 @@ from pathlib import Path
 from merit.argtypes import nonnegative_int, positive_int
 from merit.errors import MeritError
 
-METHODS = ("token-weighted", "uniform", "task-arithmetic", "ties", "dare", "dare-ties")
+# Operator parameter → its flag; a flag given for an operator that does not take it is an error.
+FLAGS = {"density": "--density", "lam": "--lambda", "rescale": "--no-rescale", "seed": "--seed", "eta": "--eta",
+         "alpha": "--alpha", "rank_fraction": "--rank-fraction", "common_space_fraction": "--common-space-fraction"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,9 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="checkpoint folders to merge")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--method", default="token-weighted",
-                   help=f"merge operator: {', '.join(METHODS)} (default: token-weighted)")
+                   help="a merge operator (`merit ls` lists them: token-weighted, uniform, task-arithmetic, ties, "
+                        "dare, star, tsv, iso-cts, model-stock, ...; default: token-weighted)")
     p.add_argument("--base", type=Path, metavar="THETA0",
-                   help="θ(0): needed by task-arithmetic, ties, dare, dare-ties; checked against branch manifests")
+                   help="θ(0): needed by every method but token-weighted and uniform; checked against branch manifests")
     p.add_argument("--weights", metavar="W1,W2,...", help="one weight per checkpoint, normalised to sum 1")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="output dtype of floating tensors (default: the inputs')")
@@ -47,6 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-rescale", dest="rescale", action="store_false", default=None,
                    help="dare: do not divide kept entries by density")
     p.add_argument("--seed", type=nonnegative_int, help="dare, dare-ties: run seed (each tensor's seed derives from it)")
+    p.add_argument("--eta", type=float, help="star: percent of each task matrix's nuclear norm kept (default 40)")
+    p.add_argument("--alpha", type=float, help="tsv, iso-c, iso-cts: scale of the merged task vector (default 1)")
+    p.add_argument("--rank-fraction", type=float,
+                   help="tsv: fraction of each task matrix's singular components kept (default 1/K)")
+    p.add_argument("--common-space-fraction", type=float,
+                   help="iso-cts: share of the rank given to the common subspace (default 0.8)")
     p.add_argument("--device", help="where the arithmetic runs (default: cuda if available, else cpu)")
     p.add_argument("--workers", type=positive_int, help="reader/merger threads (default: the usable CPUs, at most 4)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -84,16 +94,15 @@ def _weights(text: str | None, branches: list[Path]) -> tuple[list[float], str]:
 
 
 def _params(args: argparse.Namespace, op) -> dict:
-    given = {"density": args.density, "lam": args.lam, "rescale": args.rescale, "seed": args.seed}
-    flags = {"density": "--density", "lam": "--lambda", "rescale": "--no-rescale", "seed": "--seed"}
     params = {}
-    for key, value in given.items():
+    for key, flag in FLAGS.items():
+        value = getattr(args, key)
         if value is None:
             continue
         if key not in op.params:
-            raise MeritError(f"{flags[key]} does not apply to --method {op.name}")
+            raise MeritError(f"{flag} does not apply to --method {op.name}")
         params[key] = value
-    return op.resolve_params(params)
+    return op.resolve_params(params, key=FLAGS.get)
 
 
 def mergekit_yaml(branches: list[Path], weights: list[float], method: str, params: dict, base: Path | None,
@@ -107,6 +116,9 @@ def mergekit_yaml(branches: list[Path], weights: list[float], method: str, param
         lines.append("# equal to merit's result up to fp32 rounding (merit accumulates branch by branch)")
     elif op.mergekit == "task_arithmetic":
         lines.append("# equal to merit's result up to fp32 rounding")
+    elif op.mergekit == "model_stock":
+        lines.append("# equal to merit's result up to fp32 rounding where the task vectors' mean cosine is ≥ 0"
+                     " (merit clamps it at 0); mergekit ignores the weights, as merit does")
     else:
         lines.append("# same family, not bit-equal: mergekit elects signs on weighted task vectors and divides"
                      " by the agreeing weights (merit: PEFT kernels, see merit.merge.operators);")
@@ -116,6 +128,9 @@ def mergekit_yaml(branches: list[Path], weights: list[float], method: str, param
         lines.append(f"base_model: {json.dumps(str(base))}")
     lines.append("models:")
     for b, w in zip(branches, weights):
+        if op.mergekit == "model_stock":
+            lines.append(f"  - model: {json.dumps(str(b))}")
+            continue
         p = {"weight": round(w, 12)}
         if "density" in params:
             p["density"] = params["density"]
@@ -126,6 +141,8 @@ def mergekit_yaml(branches: list[Path], weights: list[float], method: str, param
         glob["normalize"] = True
     elif op.mergekit == "task_arithmetic":
         glob.update({"normalize": False, "lambda": params.get("lam", 1.0)})
+    elif op.mergekit == "model_stock":
+        glob["filter_wise"] = False  # one angle per tensor, as merit
     else:
         glob.update({"normalize": op.mergekit != "dare_linear", "lambda": params.get("lam", 1.0)})
         if "rescale" in params:
@@ -144,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``merit merge``; user errors raise MeritError (exit 2 through ``merit.cli.main``)."""
     from merit import artifacts
     from merit.merge.checkpoint import merge_checkpoints
+    from merit import plugins
     from merit.merge.checkpoint import resolve
 
     op = resolve(args.method)
@@ -151,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         artifacts.check_output_dir(args.out)
     if args.export_mergekit is not None:
         artifacts.check_output_file(args.export_mergekit, "--export-mergekit")
+        if not op.mergekit:
+            raise MeritError(f"--export-mergekit: mergekit has no method equivalent to {op.name}; "
+                             "merge with merit, or export one of: "
+                             + ", ".join(m for m in plugins.names("merge") if resolve(m).mergekit))
     branches = list(args.checkpoints)
     weights, source = _weights(args.weights, branches)
     params = _params(args, op)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from merit import artifacts
 from merit.errors import MeritError
 from merit.merge.checkpoint import SIDE_FILES
+from merit.merge.operators import tensor_seed
 from merit.models.loading import DTYPES
 
 _ADAPTER_FILE = "adapter_model.safetensors"
@@ -50,9 +52,12 @@ def lora_deltas(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float], op: Callable, out: Path,
-               dtype: str | None = None) -> dict:
+               dtype: str | None = None, params: Mapping[str, Any] | None = None) -> dict:
     """Write a dense checkpoint at ``out``: θ(0) with each adapted weight replaced by op over the branches'
-    dense weights W0 + ΔW_k (computed in fp32), floating tensors in ``dtype`` (default: θ(0)'s)."""
+    dense weights W0 + ΔW_k (computed in fp32), floating tensors in ``dtype`` (default: θ(0)'s).
+    ``params``: the operator's hyper-parameters (a seeded operator's seed is derived per tensor, as in
+    the streaming engine)."""
+    params = dict(params or {})
     target = DTYPES[dtype] if dtype else None
     deltas = [lora_deltas(a) for a in adapters]
     # Adapter names are in-memory names; some checkpoints (Qwen2.5-VL) save older keys: map them.
@@ -73,7 +78,9 @@ def merge_lora(theta0: Path, adapters: Sequence[Path], weights: Sequence[float],
                 if key in keys:
                     dense = [w0.float() + d[key] for d in deltas]
                     # Task-vector operators (ties, dare, ...) also need θ(0)'s tensor.
-                    out_t = op(dense, weights, base=w0.float()) if getattr(op, "needs_base", False) else op(dense, weights)
+                    p = {**params, "seed": tensor_seed(int(params["seed"]), key)} if "seed" in params else params
+                    out_t = (op(dense, weights, base=w0.float(), **p) if getattr(op, "needs_base", False)
+                             else op(dense, weights, **p))
                     if not torch.isfinite(out_t).all():
                         raise MeritError(f"{key}: the merge produced NaN or Inf")
                     merged[key] = out_t.to(target or w0.dtype).contiguous()

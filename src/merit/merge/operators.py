@@ -6,13 +6,17 @@ Protocol: ``op(tensors, weights, *, base=None, **params) -> tensor``.
 - ``weights``: one float per branch. The pipeline passes the plan's token weights w_k = N_k / Σ_j N_j
   (they sum to 1); the CLI normalises ``--weights`` to sum 1.
 - ``base``: θ(0)'s value of the same parameter, for operators that work on task vectors τ_k = θ_k − θ(0).
-- ``params``: the operator's own hyper-parameters (``density``, ``lam``, ``rescale``, ``seed``).
+- ``params``: the operator's own hyper-parameters (``density``, ``lam``, ``rescale``, ``seed``, ``eta``,
+  ``alpha``, ``rank_fraction``, ``common_space_fraction``), checked by :meth:`MergeOperator.resolve_params`.
 
 Arithmetic is in fp32 (fp64 stays fp64); the caller casts the result to the output dtype. Operators do
 no IO. Each is registered as a :class:`MergeOperator`, which carries what the streaming engine needs to
 know about it: whether it needs θ(0), whether it is elementwise (then the engine may call it on flat
 slices of a tensor), whether it is linear (then a NaN/Inf input always shows in the output), and which
 parameters it takes.
+
+The spectral operators (``star``, ``tsv``, ``iso-c``, ``iso-cts``) and ``model-stock`` are in
+:mod:`merit.merge.spectral`, registered the same way.
 
 Which TIES / DARE variant (the original code, PEFT and mergekit differ; see ``ties`` and ``dare``):
 every sparsifying operator here trims **per tensor** and is the corresponding ``peft.utils.merge_utils``
@@ -60,19 +64,55 @@ class MergeOperator:
             return self.fn(tensors, weights, base=base, **params)
         return self.fn(tensors, weights, **params)
 
-    def resolve_params(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Defaults overlaid with ``given``; a ConfigError for a parameter this operator does not take."""
+    def resolve_params(self, given: Mapping[str, Any] | None,
+                       key: Callable[[str], str] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with ``given``, each value checked; a ConfigError otherwise.
+
+        ``key`` names a parameter in the error the way the user wrote it (``merge.params.ties.density``,
+        ``--density``); by default its bare name. Integers given for float parameters become floats, so
+        ``eta: 40`` and ``eta: 40.0`` are the same merge (and the same merge key).
+        """
+        key = key or (lambda p: p)
         given = dict(given or {})
         unknown = sorted(set(given) - set(self.params))
         if unknown:
             takes = ", ".join(sorted(self.params)) or "no parameters"
-            raise ConfigError(f"merge operator {self.name!r} takes {takes}; got {', '.join(unknown)}")
-        out = {**self.params, **given}
-        if "density" in out and not 0.0 < float(out["density"]) <= 1.0:
-            raise ConfigError(f"density: must be in (0, 1], got {out['density']}")
-        if "lam" in out and not math.isfinite(float(out["lam"])):
-            raise ConfigError(f"lambda: must be a finite number, got {out['lam']}")
+            raise ConfigError(f"{key(unknown[0])}: merge operator {self.name!r} takes {takes}; "
+                              f"got {', '.join(unknown)}")
+        out = {**self.params}
+        for p, value in given.items():
+            out[p] = _check_param(p, value, self.params[p], key(p))
         return out
+
+
+def _check_param(name: str, value: Any, default: Any, where: str) -> Any:
+    """``value`` for parameter ``name`` (typed like its default), or a ConfigError naming ``where``."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: must be a non-negative integer, got {value!r}")
+        return value
+    if value is None and default is None:
+        return None  # "derive it from K" (tsv's rank_fraction)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    value = float(value)
+    low, high, closed_low = _RANGES.get(name, (-math.inf, math.inf, True))
+    if not ((low <= value) if closed_low else (low < value)) or value > high:
+        raise ConfigError(f"{where}: must be in {'[' if closed_low else '('}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+# (low, high, low included): the range of each bounded parameter; high is always included.
+_RANGES = {
+    "density": (0.0, 1.0, False),  # fraction of entries kept: 0 would keep nothing
+    "eta": (0.0, 100.0, False),  # percent of the nuclear norm STAR keeps
+    "rank_fraction": (0.0, 1.0, False),  # fraction of each task's singular components TSV keeps
+    "common_space_fraction": (0.0, 1.0, True),  # share of the rank Iso-CTS gives the common subspace
+}
 
 
 def operator(name: str, **spec: Any) -> Callable[[Callable[..., torch.Tensor]], MergeOperator]:
