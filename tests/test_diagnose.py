@@ -334,7 +334,7 @@ def test_probe_trains_two_random_halves_and_gives_a_verdict(tmp_path, capsys):
     # Two random halves at half an epoch, one merge: the run's own r = 2 and second operator are overridden.
     branches = sorted(p.name for p in (out / "branches").iterdir() if p.is_dir())
     assert len(branches) == 2, branches
-    assert report["probe"] == probe and isinstance(probe["merge_ready"], bool)
+    assert isinstance(probe["merge_ready"], bool) and report["lmc"]["alphas"] == [0.0, 0.5, 1.0]
     assert probe["fraction"] == 0.5 and probe["thresholds"]["barrier_relative"] == 0.01
     assert any("LMC barrier" in r for r in probe["reasons"]) and any("merge gain" in r for r in probe["reasons"])
     # The verdict is the thresholds applied to the numbers in diagnose.json, not a constant.
@@ -343,6 +343,10 @@ def test_probe_trains_two_random_halves_and_gives_a_verdict(tmp_path, capsys):
     gain = report["merge_gain"][report["main"]]["measured"]
     assert probe["merge_ready"] == (worst["barrier"] <= 0.01 * scale and gain >= 0)
     assert "verdict: θ(0) is" in capsys.readouterr().out
+    # A run the diagnosis cannot read is refused before any training (the diagnose stage's checks).
+    out2 = tmp_path / "probe-lora"
+    assert main(["probe", str(cfg), "--out", str(out2), "--set", "train.lora.r=4"]) == 2
+    assert "diagnose.enabled" in capsys.readouterr().err and not out2.exists()
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5", "-0.25"])

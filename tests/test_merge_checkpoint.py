@@ -134,7 +134,13 @@ def test_engine_equals_the_operator_on_whole_tensors(ckpts, tmp_path, method):
     for name, value in state_of(out).items():
         p = {**params, "seed": operators.tensor_seed(params["seed"], name)} if op.seeded else params
         expected = op([s[name] for s in states], WEIGHTS, base=base[name], **p)
-        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+        # An fp32 SVD inside an engine worker thread runs LAPACK with another thread split than in this
+        # thread, so the spectral operators agree to SVD rounding (measured up to 1.4e-6), not bit for bit.
+        tol = 1e-5 if method in SPECTRAL else 1e-6
+        torch.testing.assert_close(value, expected, rtol=0, atol=tol)
+
+
+SPECTRAL = {"star", "tsv", "iso-c", "iso-cts"}
 
 
 def test_random_operators_do_not_depend_on_workers_or_order(ckpts, tmp_path):

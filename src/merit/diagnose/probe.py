@@ -4,8 +4,9 @@ Trains two short branches from θ(0) on two random, sample-balanced halves of th
 an epoch, ``--fraction``), the joint run at the same fraction, merges the halves by their token weights,
 and reads the diagnostics of :mod:`merit.diagnose.cli` on that small run folder: the LMC barrier
 between the halves and to the merge, the joint/merged displacement ratio, and the measured against the
-Hessian-predicted merge gain. It is the pipeline itself with these settings (``--set`` applies to it as
-to ``merit run``), in its own folder (default ``runs/<name>-probe``), so it resumes like a run.
+Hessian-predicted merge gain. It is the pipeline itself with these settings and its diagnose stage
+(``--set`` applies to it as to ``merit run``), in its own folder (default ``runs/<name>-probe``), so it
+resumes like a run and refuses, before any training, a run the diagnosis cannot read.
 
 Verdict: **merge-ready** when the largest barrier is within ``BARRIER_TOLERANCE`` of the paths' end
 losses (the paper's Table 5 barriers are all 0.0) and merging does not lose against its branches
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merit.diagnose.cli import BARRIER_TOLERANCE, Settings, diagnose, summary, write_outputs
+from merit.diagnose.cli import BARRIER_TOLERANCE, summary
 
 PROBE_FRACTION = 0.25
 
@@ -36,12 +37,15 @@ def add_parser(sub) -> None:
     p.add_argument("--draws", type=int, default=2, help="perturbation draws per σ (default 2)")
 
 
-def probe_overrides(fraction: float) -> list[str]:
-    """What turns a run config into its probe: two random halves, the joint run, one merge, no extras."""
+def probe_overrides(fraction: float, alphas: int, draws: int) -> list[str]:
+    """What turns a run config into its probe: two random halves, the joint run, one merge, no extras,
+    and the diagnose stage (so a run it cannot diagnose — a VLM, LoRA branches — is refused before any
+    training, by the stage's own checks)."""
     return ["split.method=random", "split.r=1", f"train.epochs={fraction}", "baselines.joint=true",
             "baselines.random=false", "baselines.joint_epochs=null", "baselines.soups=null",
             "baselines.random_k=null", "merge.operators=[token-weighted]", "eval.transfer=null",
-            "eval.lm_eval=null", "eval.lmms_eval=null", "diagnose.enabled=false"]
+            "eval.lm_eval=null", "eval.lmms_eval=null", "diagnose.enabled=true", f"diagnose.alphas={alphas}",
+            f"diagnose.draws={draws}", "diagnose.max_per_source=null"]
 
 
 def verdict(report: dict) -> tuple[bool, list[str]]:
@@ -70,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     from merit import artifacts
     from merit.config import load_config
     from merit.diagnose.cli import parse_settings
-    from merit.diagnose.inputs import inspect_run
     from merit.errors import MeritError
     from merit.pipeline import run as run_pipeline
 
@@ -78,16 +81,15 @@ def run(args: argparse.Namespace) -> int:
         raise MeritError(f"--fraction {args.fraction}: give the probe's epochs in (0, 1], e.g. 0.25")
     ns = argparse.Namespace(alphas=args.alphas, max_per_source=None, calibration_size=None,
                             sigmas="0.01,0.05,0.1", draws=max(args.draws, 1), seed=None, antithetic=True, device=None)
-    settings: Settings = parse_settings(ns)  # a bad flag is refused before any work
-    cfg = load_config(args.config, args.overrides + probe_overrides(args.fraction))
+    parse_settings(ns)  # a bad flag is refused, in its own words, before any work
+    cfg = load_config(args.config, args.overrides + probe_overrides(args.fraction, args.alphas, max(args.draws, 1)))
     out = args.out or Path("runs") / f"{cfg.name}-probe"
-    run_pipeline(cfg, out)
-    report, curves, perturbation = diagnose(inspect_run(out), settings)
+    run_pipeline(cfg, out)  # ends with its diagnose stage: out/diagnose/diagnose.json
+    report = artifacts.read_json(out / "diagnose" / "diagnose.json")
     ready, reasons = verdict(report)
-    report["probe"] = {"fraction": args.fraction, "merge_ready": ready, "reasons": reasons,
-                       "thresholds": {"barrier_relative": BARRIER_TOLERANCE, "measured_gain": 0.0}}
-    write_outputs(out / "diagnose", report, curves, perturbation)
-    artifacts.write_json(out / "probe.json", report["probe"])
+    probe = {"fraction": args.fraction, "merge_ready": ready, "reasons": reasons,
+             "thresholds": {"barrier_relative": BARRIER_TOLERANCE, "measured_gain": 0.0}}
+    artifacts.write_json(out / "probe.json", probe)
     print(summary(report))
     print(f"\nverdict: θ(0) is {'merge-ready' if ready else 'NOT merge-ready'} for this mixture "
           f"(probe: two random halves, {args.fraction:g} epoch each)")
