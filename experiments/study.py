@@ -12,8 +12,9 @@ and with ``--commit`` committed at once. A unit whose ``unit.json`` is there wit
 done: the study resumes from what is committed, on any machine, without the run folders (which hold the
 checkpoints and are never committed). Units run in order:
 
-1. ``lr-<lr>`` for each learning rate of the sweep (seed 0): joint and MERIT at the main r. The study's
-   learning rate is the one with the lowest joint in-mixture held-out loss.
+1. ``lr-<lr>`` for each learning rate of the sweep (seed 0): joint and MERIT at the main r, diagnosed
+   (merge-readiness at each learning rate). The study's learning rate is the one with the lowest joint
+   in-mixture held-out loss.
 2. For each seed: ``s<seed>`` (base, joint, MERIT at the main r, random at the main K, with the
    diagnose stage; seed 0 adds joint at 0.5 and 2 epochs, soup-2 and random at K = 2), then
    ``s<seed>-r<r>`` for the other r (MERIT and nothing else), and on seed 0 ``s0-residual`` (MERIT on
@@ -161,7 +162,7 @@ def _lr_tag(lr: float) -> str:
 def sweep_units(p: Preset) -> list[Unit]:
     return [Unit(f"lr-{_lr_tag(lr)}", f"s0-lr{_lr_tag(lr)}",
                  {"seed": 0, "train.learning_rate": lr, "split.r": p.r_main, "baselines.random": False,
-                  **p.sweep_sets})
+                  "diagnose.enabled": True, **p.sweep_sets})
             for lr in p.learning_rates]
 
 

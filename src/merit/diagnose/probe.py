@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from merit.argtypes import positive_int
 from merit.diagnose.cli import BARRIER_TOLERANCE, summary
 
 PROBE_FRACTION = 0.25
@@ -34,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fraction", type=float, default=PROBE_FRACTION,
                    help=f"epochs of each probe branch and of the probe's joint run (default {PROBE_FRACTION})")
     p.add_argument("--alphas", type=int, default=11, help="points per interpolation path (default 11; ≥ 3)")
-    p.add_argument("--draws", type=int, default=2, help="perturbation draws per σ (default 2)")
+    p.add_argument("--draws", type=positive_int, default=2, help="perturbation draws per σ (default 2)")
 
 
 def probe_overrides(fraction: float, alphas: int, draws: int) -> list[str]:
@@ -80,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.fraction <= 1:
         raise MeritError(f"--fraction {args.fraction}: give the probe's epochs in (0, 1], e.g. 0.25")
     ns = argparse.Namespace(alphas=args.alphas, max_per_source=None, calibration_size=None,
-                            sigmas="0.01,0.05,0.1", draws=max(args.draws, 1), seed=None, antithetic=True, device=None)
+                            sigmas="0.01,0.05,0.1", draws=args.draws, seed=None, antithetic=True, device=None)
     parse_settings(ns)  # a bad flag is refused, in its own words, before any work
-    cfg = load_config(args.config, args.overrides + probe_overrides(args.fraction, args.alphas, max(args.draws, 1)))
+    cfg = load_config(args.config, args.overrides + probe_overrides(args.fraction, args.alphas, args.draws))
     out = args.out or Path("runs") / f"{cfg.name}-probe"
     run_pipeline(cfg, out)  # ends with its diagnose stage: out/diagnose/diagnose.json
     report = artifacts.read_json(out / "diagnose" / "diagnose.json")
