@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from merit.cli import main
 
-from conftest import FAMILIES, make_mixture_dir, write_jsonl
+from conftest import make_mixture_dir, write_jsonl
 
 
 def write_config(path: Path, cfg: dict) -> Path:

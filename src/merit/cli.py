@@ -17,7 +17,7 @@ from merit.argtypes import Parser
 from merit.data import convert
 from merit.diagnose import cli as diagnose_cli
 from merit.diagnose import probe as probe_cli
-from merit.errors import MeritError, as_user_error
+from merit.errors import as_user_error
 from merit.evaluate import cli as eval_cli
 from merit.launch import cli as launch_cli
 from merit.merge import cli as merge_cli

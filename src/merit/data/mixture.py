@@ -59,11 +59,13 @@ def resolve_sources(cfg: MixtureConfig, run_dir: Path, seed: int) -> list[Source
     """The mixture's sources in a fixed order. The built-in mixture is generated into the run folder
     first, so that every later stage reads files the same way."""
     if cfg.builtin is not None:
-        from merit.data.builtin import TASKS, builtin_mixture
+        from merit.data.builtin import builtin_mixture
 
         vision = cfg.builtin.suite == "vision"
         if vision:  # synthetic image tasks: pictures are drawn into the mixture folder with the JSONL files
             from merit.data.builtin_vision import TASKS
+        else:
+            from merit.data.builtin import TASKS
         names = cfg.builtin.tasks or list(TASKS)
         for field, given in (("tasks", names), ("exclude", cfg.builtin.exclude)):
             unknown = [n for n in given if n not in TASKS]
