@@ -111,9 +111,10 @@ FULL = Preset(
     r_other=[1],
     seed0_extras={"baselines.joint_epochs": [0.5, 1, 2], "baselines.soups": [2], "baselines.random_k": [2, 4]},
     sweep_sets={"eval.transfer": None},  # the sweep selects on in-mixture held-out loss
-    # bf16 steps of 8 × ~100 tokens and batched scoring on the 2-core development machine
-    # (benchmarks/train_results.md, benchmarks/eval_results.md); the held-out lines of the two task sets.
-    step_seconds=3.0, item_seconds=0.2, diagnose_eval_seconds=6.0, eval_items=(1986, 2136),
+    # Measured on the 2-core development machine: a bf16 branch step of this mixture (batch 8) 5.2 s
+    # (the first unit's branches: 60 steps in 311 s, saves included); scoring 0.18 s per item in bf16
+    # (benchmarks/eval_results.md); the held-out lines of the two task sets.
+    step_seconds=5.2, item_seconds=0.2, diagnose_eval_seconds=6.0, eval_items=(1986, 2136),
 )
 
 
