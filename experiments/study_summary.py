@@ -94,7 +94,8 @@ def design(p: Preset) -> list[str]:
               + "".join(f", merit-r{r}" for r in p.r_other) + " on every seed; seed 0 adds "
               + ", ".join(f"`{k_}: {v}`" for k_, v in p.seed0_extras.items())
               + (" and MERIT on residual-gradient conflicts (`split.conflict: residual`)." if p.residual else "."),
-              "- Diagnostics (`diagnose.enabled`) on every seed's main and r-runs.", ""]
+              "- Diagnostics (`diagnose.enabled`) on every unit, the sweep's included (merge-readiness per "
+              "learning rate).", ""]
     lines += ["### Power", "",
               "A paired difference between two models on n binary items, a fraction d of which they score "
               "differently, has a 95% half-width of about 1.96·√(d/n) (the macro average over sources weighs "
@@ -103,7 +104,7 @@ def design(p: Preset) -> list[str]:
     rows = [[f"{n}"] + [f"{100 * half_width(n, d):.1f}" for d in (0.1, 0.2, 0.3)] for n in (500, 1000, 2000, 4000)]
     lines += _table(["items n", "d = 0.1", "d = 0.2", "d = 0.3"], rows)
     lines += ["", "So ≈ 2,000 items per evaluation set resolve 2 points when the models disagree on ≤ 20% of "
-              "items; the measured disagreement and half-widths are in the tables below.", ""]
+              "items; the measured disagreement d and the intervals are in the tables below.", ""]
     return lines
 
 
@@ -221,16 +222,23 @@ def scores(p: Preset, results: Path, part: str) -> list[str]:
         pooled = _pooled(per_seed)
         n = sum(len(v) for v in per_seed[0].values())
         vs_joint = "—" if row == "joint" else _diff(paired_difference(pooled, _pooled(joint_seed)))
+        disagree = "—" if row == "joint" else f"{100 * _disagreement(pooled, _pooled(joint_seed)):.0f}%"
         vs_random = ""
         if row.startswith("merit") and all(r is not None for r in random_seed):
             vs_random = _diff(paired_difference(pooled, _pooled(random_seed)))
-        table.append([row, f"{len(per_seed)}", _ci(macro_interval(pooled)), vs_joint, vs_random, f"{n}"])
-    lines += _table(["method", "seeds", "macro (95% CI)", "Δ vs joint", f"Δ vs random (same K; K = {k} for r = {p.r_main})",
-                     "items per seed"], table)
+        table.append([row, f"{len(per_seed)}", _ci(macro_interval(pooled)), vs_joint, disagree, vs_random, f"{n}"])
+    lines += _table(["method", "seeds", "macro (95% CI)", "Δ vs joint", "items scored ≠ joint (d)",
+                     f"Δ vs random (same K; K = {k} for r = {p.r_main})", "items per seed"], table)
     lines += ["", "Macro exact match / multiple-choice accuracy in points; pooled over seeds (the macro over "
               "seed × source, bootstrap within each); Δ: paired bootstrap on the same items; n.r.: the interval "
               "holds 0 (not resolved).", ""]
     return lines
+
+
+def _disagreement(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
+    """The fraction d of items two models score differently (the power calculation's d)."""
+    pairs = [(x, y) for src in a for x, y in zip(a[src], b[src])]
+    return sum(x != y for x, y in pairs) / len(pairs) if pairs else 0.0
 
 
 def _r_of(row: str, p: Preset) -> int:

@@ -60,6 +60,7 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     # The verdicts come from the files: joint's row equals its own results.json score.
     joint = json.loads((s0 / "results.json").read_text())["methods"]["joint"]
     assert f"| joint | 1 | {100 * joint['macro']:.1f} [" in text
+    assert "items scored ≠ joint (d)" in text
     assert sum(line.startswith(("1. ", "2. ")) for line in text.splitlines()) == 2
     assert any(w in text for w in ("**reproduced**", "**not reproduced**", "**not resolved**"))
     # A summary of a study that has not started says so, and decides nothing.
