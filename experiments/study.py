@@ -18,7 +18,8 @@ checkpoints and are never committed). Units run in order:
 2. For each seed: ``s<seed>`` (base, joint, MERIT at the main r, random at the main K, with the
    diagnose stage; seed 0 adds joint at 0.5 and 2 epochs, soup-2 and random at K = 2), then
    ``s<seed>-r<r>`` for the other r (MERIT and nothing else), and on seed 0 ``s0-residual`` (MERIT on
-   residual-gradient conflicts, ``split.conflict: residual``).
+   residual-gradient conflicts, ``split.conflict: residual``). The sweep and every seed's main unit are
+   diagnosed (≈ 1.3 h each on 2 cores for SmolLM2); the r- and residual units are not.
 
 Seed 0's ``s0`` folder is the sweep's folder at the chosen learning rate, so its joint and MERIT runs
 are not trained twice (the pipeline resumes them by key).
@@ -59,6 +60,7 @@ class Preset:
     step_seconds: float = 3.0
     item_seconds: float = 0.2
     diagnose_eval_seconds: float = 6.0
+    hvp_seconds: float = 1.0
     eval_items: tuple[int, int] = (0, 0)  # (in-mixture, transfer) items per checkpoint, for the budget
 
 
@@ -100,9 +102,10 @@ FULL = Preset(
         "merge": {"operators": ["token-weighted"]},
         "eval": {"max_per_source": None, "batch_size": 16, "max_new_tokens": 16, "normalize": "lower",
                  "transfer": {"dir": BIGBENCH, "include": TRANSFER, "max_per_source": None}},
-        # 11-point paths, 2 ± draws, 8 examples per source: ~150 loss evaluations of 192 examples per unit
-        # (L(θ̄) then differs from results.json's, which uses every held-out line).
-        "diagnose": {"alphas": 11, "draws": 2, "max_per_source": 8},
+        # 6-point paths (step 0.2), 1 ± draw, 8 examples per source: 78 loss evaluations of 192 examples
+        # (27 s each) and 8 HVPs (310 s each) per unit, ≈ 1.3 h (benchmarks/diagnose_results.md); L(θ̄)
+        # then differs from results.json's, which uses every held-out line.
+        "diagnose": {"alphas": 6, "draws": 1, "max_per_source": 8},
         "launch": {"save_steps": 50},
     },
     learning_rates=[3.0e-5, 1.0e-4, 3.0e-4],
@@ -114,7 +117,9 @@ FULL = Preset(
     # Measured on the 2-core development machine: a bf16 branch step of this mixture (batch 8) 5.2 s
     # (the first unit's branches: 60 steps in 311 s, saves included); scoring 0.18 s per item in bf16
     # (benchmarks/eval_results.md); the held-out lines of the two task sets.
-    step_seconds=5.2, item_seconds=0.2, diagnose_eval_seconds=6.0, eval_items=(1986, 2136),
+    # A diagnose loss evaluation (192 examples, weights set in place) 27 s and an HVP 310 s, measured on
+    # a SmolLM2 run folder of this study (benchmarks/diagnose_results.md).
+    step_seconds=5.2, item_seconds=0.2, diagnose_eval_seconds=27.0, hvp_seconds=310.0, eval_items=(1986, 2136),
 )
 
 
@@ -177,12 +182,11 @@ def main_units(p: Preset, lr: float) -> list[Unit]:
                           {**base, "split.r": p.r_main, **extras, "diagnose.enabled": True}))
         for r in p.r_other:
             units.append(Unit(f"s{seed}-r{r}", f"s{seed}-lr{_lr_tag(lr)}-r{r}",
-                              {**base, "split.r": r, "baselines.joint": False, "baselines.random": False,
-                               "diagnose.enabled": True}))
+                              {**base, "split.r": r, "baselines.joint": False, "baselines.random": False}))
         if p.residual and seed == 0:
             units.append(Unit("s0-residual", f"s0-lr{_lr_tag(lr)}-residual",
                               {**base, "split.r": p.r_main, "split.conflict": "residual", "baselines.joint": False,
-                               "baselines.random": False, "diagnose.enabled": True}))
+                               "baselines.random": False}))
     return units
 
 
@@ -216,8 +220,11 @@ def estimate(p: Preset, unit: Unit, earlier: list[Unit]) -> dict:
     train_h = epochs * steps * p.step_seconds / 3600
     eval_h = new_items * p.item_seconds / 3600
     k = 2 ** unit.sets.get("split.r", p.r_main)
-    evaluations = (k * (k - 1) // 2 + k) * p.config.get("diagnose", {}).get("alphas", 21) + 3 * 3 * 2 * 2
-    diag_h = evaluations * p.diagnose_eval_seconds / 3600 if unit.sets.get("diagnose.enabled") else 0.0
+    d = p.config.get("diagnose", {})
+    evaluations = (k * (k - 1) // 2 + k) * d.get("alphas", 21) + 3 * 3 * d.get("draws", 3) * 2
+    hvps = k * (2 if unit.sets.get("baselines.random", True) else 1)  # MERIT's branches, and random's
+    diag_h = ((evaluations * p.diagnose_eval_seconds + hvps * p.hvp_seconds) / 3600
+              if unit.sets.get("diagnose.enabled") else 0.0)
     return {"epochs": epochs, "checkpoints": ckpts, "items": new_items, "train_h": train_h, "eval_h": eval_h,
             "diagnose_h": diag_h, "hours": train_h + eval_h + diag_h}
 

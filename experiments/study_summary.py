@@ -94,8 +94,8 @@ def design(p: Preset) -> list[str]:
               + "".join(f", merit-r{r}" for r in p.r_other) + " on every seed; seed 0 adds "
               + ", ".join(f"`{k_}: {v}`" for k_, v in p.seed0_extras.items())
               + (" and MERIT on residual-gradient conflicts (`split.conflict: residual`)." if p.residual else "."),
-              "- Diagnostics (`diagnose.enabled`) on every unit, the sweep's included (merge-readiness per "
-              "learning rate).", ""]
+              "- Diagnostics (`diagnose.enabled`) on the sweep's units (merge-readiness per learning rate) and on "
+              "every seed's main unit.", ""]
     lines += ["### Power", "",
               "A paired difference between two models on n binary items, a fraction d of which they score "
               "differently, has a 95% half-width of about 1.96·√(d/n) (the macro average over sources weighs "
