@@ -172,10 +172,10 @@ def sweep(p: Preset, results: Path) -> list[str]:
     return lines
 
 
-def _row_unit(p: Preset, seed: int, row: str, lr: float) -> str:
+def _row_unit(p: Preset, seed: int, row: str) -> str:
     """Which unit holds a row of a seed (merit-r<r> of another r lives in its r-unit)."""
     for r in p.r_other:
-        if row in (f"merit-r{r}",):
+        if row == f"merit-r{r}":
             return f"s{seed}-r{r}"
     if row.endswith("-residual"):
         return "s0-residual"
@@ -208,7 +208,7 @@ def scores(p: Preset, results: Path, part: str) -> list[str]:
     for row in rows_of(p):
         per_seed, joint_seed, random_seed = [], [], []
         for seed in p.seeds:
-            items = _items(results / _row_unit(p, seed, row, lr), row, part)
+            items = _items(results / _row_unit(p, seed, row), row, part)
             joint = _items(results / f"s{seed}", "joint", part)
             rand = _items(results / f"s{seed}", f"random-k{2 ** _r_of(row, p)}", part) if row.startswith("merit") else None
             if items is None or joint is None:
@@ -289,8 +289,8 @@ def verdicts(p: Preset, results: Path) -> list[str]:
         return lines + ["Not decided: the study has not run yet.", ""]
     part = "transfer" if p.config["eval"].get("transfer") else ""
 
-    def pooled(row: str, ref_unit_row: str | None = None) -> dict | None:
-        per = [_items(results / _row_unit(p, s, row, lr), row, part) for s in p.seeds]
+    def pooled(row: str) -> dict | None:
+        per = [_items(results / _row_unit(p, s, row), row, part) for s in p.seeds]
         return None if any(x is None for x in per) else _pooled(per)
 
     def verdict(a: str, b: str) -> str:

@@ -265,6 +265,13 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     return report, curves, perturbation
 
 
+def largest_barrier(report: dict) -> tuple[dict, float | None]:
+    """The LMC path with the largest barrier, and that barrier relative to the mean loss of its ends."""
+    worst = max(report["lmc"]["paths"], key=lambda p: p["barrier"])
+    scale = (worst["losses"][0] + worst["losses"][-1]) / 2
+    return worst, (worst["barrier"] / scale if scale else None)
+
+
 def checks(report: dict) -> list[dict]:
     """Each merge-readiness check: its value, what it is held against, and whether it passes (None: the
     number is missing, e.g. no joint run). Readings, not gates: the command exits 0 either way."""
@@ -274,10 +281,9 @@ def checks(report: dict) -> list[dict]:
         rows.append({"check": name, "value": value, "threshold": threshold,
                      "passed": None if passed is None else bool(passed)})
 
-    worst = max(report["lmc"]["paths"], key=lambda p: p["barrier"])
-    scale = (worst["losses"][0] + worst["losses"][-1]) / 2
-    add("lmc_barrier_relative", worst["barrier"] / scale if scale else None, f"≤ {BARRIER_TOLERANCE}",
-        worst["barrier"] <= BARRIER_TOLERANCE * scale)
+    worst, relative = largest_barrier(report)
+    add("lmc_barrier_relative", relative, f"≤ {BARRIER_TOLERANCE}",
+        worst["barrier"] <= BARRIER_TOLERANCE * (worst["losses"][0] + worst["losses"][-1]) / 2)
     pa = report["displacement"]["parallel_axis"]
     add("parallel_axis_relative_error", pa["relative_error"], f"≤ {PARALLEL_AXIS_TOLERANCE}",
         pa["relative_error"] <= PARALLEL_AXIS_TOLERANCE)

@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from merit.argtypes import positive_int
-from merit.diagnose.cli import BARRIER_TOLERANCE, summary
+from merit.diagnose.cli import BARRIER_TOLERANCE, largest_barrier, summary
 
 PROBE_FRACTION = 0.25
 
@@ -51,9 +51,8 @@ def probe_overrides(fraction: float, alphas: int, draws: int) -> list[str]:
 
 def verdict(report: dict) -> tuple[bool, list[str]]:
     """(merge-ready, the reasons: each number against its threshold)."""
-    worst = max(report["lmc"]["paths"], key=lambda p: p["barrier"])
-    scale = (worst["losses"][0] + worst["losses"][-1]) / 2
-    relative = worst["barrier"] / scale if scale else 0.0
+    worst, relative = largest_barrier(report)
+    relative = relative or 0.0
     gain = report["merge_gain"][report["main"]]["measured"]
     ok_barrier, ok_gain = relative <= BARRIER_TOLERANCE, gain >= 0
     reasons = [f"largest LMC barrier {worst['barrier']:.4g} ({relative:.2%} of the path's end losses, "

@@ -159,10 +159,8 @@ def mergekit_yaml(branches: list[Path], weights: list[float], method: str, param
 
 def run(args: argparse.Namespace) -> int:
     """Run ``merit merge``; user errors raise MeritError (exit 2 through ``merit.cli.main``)."""
-    from merit import artifacts
-    from merit.merge.checkpoint import merge_checkpoints
-    from merit import plugins
-    from merit.merge.checkpoint import resolve
+    from merit import artifacts, plugins
+    from merit.merge.checkpoint import merge_checkpoints, resolve
 
     op = resolve(args.method)
     if not args.export_only:
