@@ -15,6 +15,7 @@ from pathlib import Path
 
 from merit.argtypes import Parser
 from merit.data import convert
+from merit.diagnose import alignment as alignment_cli
 from merit.diagnose import cli as diagnose_cli
 from merit.diagnose import probe as probe_cli
 from merit.errors import as_user_error
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     launch_cli.add_parser(sub)
     diagnose_cli.add_parser(sub)
     probe_cli.add_parser(sub)
+    alignment_cli.add_parser(sub)
     return p
 
 
@@ -148,6 +150,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return diagnose_cli.run(args)
     if args.command == "probe":
         return probe_cli.run(args)
+    if args.command == "hessian-alignment":
+        return alignment_cli.run(args)
     if args.command == "plan":
         return plan_cli.run(args)
     if args.command in launch_cli.COMMANDS:
