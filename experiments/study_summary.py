@@ -247,22 +247,31 @@ def _r_of(row: str, p: Preset) -> int:
 
 
 def diagnostics(p: Preset, results: Path) -> list[str]:
-    lines = ["## Diagnostics per seed", ""]
+    """Every diagnosed unit: the sweep's (one per learning rate) and each seed's main unit."""
+    lines = ["## Diagnostics per seed (and per learning rate of the sweep)", ""]
+    lr = chosen_lr(p, results)
+    names = [u.name for u in sweep_units(p)] + ([u.name for u in main_units(p, lr)] if lr is not None else [])
     rows = []
-    for unit in sorted(results.glob("s*/diagnose/diagnose.json")):
-        d = json.loads(unit.read_text())
-        name = unit.parent.parent.name
+    for name in names:
+        path = results / name / "diagnose" / "diagnose.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
         main = d["merge_gain"].get(d["main"], {})
         ratio = d["displacement"].get("joint_over_merged")
+        auc = {m: v["auc"] for m, v in d["perturbation"]["models"].items()}
         rows.append([name, d["main"], f"{d['lmc']['max_barrier']:.4g}", "—" if ratio is None else f"{ratio:.2f}",
                      f"{main.get('measured', float('nan')):.4g}", f"{main.get('predicted', float('nan')):.4g}",
                      "—" if main.get("ratio") is None else f"{main['ratio']:.2f}",
+                     f"{auc.get('merged', float('nan')):.4g} / {auc.get('joint', float('nan')):.4g}",
                      ", ".join(f"{n}: {g['measured']:.3g}" for n, g in d["merge_gain"].items() if n != d["main"]) or "—"])
     if not rows:
         return lines + ["No diagnosed unit yet.", ""]
     lines += _table(["unit", "merge", "max LMC barrier", "joint / merged displacement", "measured gain",
-                     "predicted gain", "measured / predicted", "random split's measured gain"], rows)
-    return lines + ["", "Barrier, gains: in held-out loss (nats per token); docs/diagnostics.md defines each.", ""]
+                     "predicted gain", "measured / predicted", "flatness AUC merged / joint",
+                     "random split's measured gain"], rows)
+    return lines + ["", "Barrier, gains: in held-out loss (nats per token), on the diagnose sample (8 held-out examples "
+                    "per source, so L(θ̄) differs slightly from results.json's); docs/diagnostics.md defines each.", ""]
 
 
 def residual(p: Preset, results: Path) -> list[str]:

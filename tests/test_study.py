@@ -57,6 +57,9 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
                     "## Transfer", "## Diagnostics per seed", "## Research row", "## The paper's claims"):
         assert heading in text, heading
     assert "Units done: 4 of 4" in text
+    # Every diagnosed unit has its row: the sweep's learning rates and the seed's main unit.
+    diag = text.split("## Diagnostics per seed")[1].split("\n## ")[0]
+    assert all(f"| {u} | merit-r1 | " in diag for u in ("lr-0.001", "lr-0.003", "s0")), diag
     # The verdicts come from the files: joint's row equals its own results.json score.
     joint = json.loads((s0 / "results.json").read_text())["methods"]["joint"]
     assert f"| joint | 1 | {100 * joint['macro']:.1f} [" in text
