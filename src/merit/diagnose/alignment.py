@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from merit.argtypes import nonnegative_int, positive_int
-from merit.diagnose.inputs import _locate, log
+from merit.diagnose.inputs import config_and_mixture, locate, log
 from merit.errors import MeritError
 
 CONVERGED = 0.01  # Ritz residual ‖Hy − θy‖ relative to |θ| under which an eigenpair counts as found
@@ -74,25 +74,16 @@ def _check(args: argparse.Namespace) -> None:
 def _inputs(root: Path):
     """config, mixture manifest (paths resolved), θ(0) folder, stored conflict — or a one-line refusal."""
     from merit import artifacts
-    from merit.config import load_config
     from merit.conflict.store import load_conflict
     from merit.models.vlm import is_vlm
 
-    if not (root / "config.yaml").is_file():
-        raise MeritError(f"{root}: not a merit run folder (no config.yaml); give the folder `merit run` wrote")
-    cfg = load_config(root / "config.yaml")
-    mixture = artifacts.read_manifest(root / "mixture")
+    cfg, mixture = config_and_mixture(root)
     theta0 = artifacts.read_manifest(root / "theta0")
-    grads = artifacts.read_manifest(root / "grads")
-    for stage, manifest in (("mixture", mixture), ("theta0", theta0), ("grads", grads)):
-        if manifest is None:
+    for stage in ("theta0", "grads"):
+        if artifacts.read_manifest(root / stage) is None:
             raise MeritError(f"{root}/{stage}: no finished {stage} stage (no manifest.json); run "
                              f"`merit run CONFIG --until grads` first")
-    for entry in mixture["sources"]:
-        for side in ("train", "eval"):
-            if entry.get(side):
-                entry[side] = str(_locate(entry[side], root))
-    folder = _locate(theta0.get("path", root / "theta0"), root)
+    folder = locate(theta0.get("path", root / "theta0"), root)
     if not (folder / "config.json").is_file():
         folder = root / "theta0"
     if is_vlm(folder):
@@ -177,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     root = Path(args.run)
-    if not root.is_dir():
-        raise MeritError(f"{root}: no such run folder")
     cfg, mixture, theta0, names, cosine = _inputs(root)
     seed = cfg.seed if args.seed is None else args.seed
     started = time.time()

@@ -43,8 +43,8 @@ class RunFolder:
     results: dict | None
 
 
-def inspect_run(root: Path) -> RunFolder:
-    """Everything diagnose reads, checked before any work; a MeritError naming the file otherwise."""
+def config_and_mixture(root: Path):
+    """The run's config and mixture manifest (data paths resolved from here), or a one-line refusal."""
     from merit import artifacts
     from merit.config import load_config
 
@@ -59,7 +59,15 @@ def inspect_run(root: Path) -> RunFolder:
     for entry in mixture["sources"]:
         for side in ("train", "eval"):
             if entry.get(side):
-                entry[side] = str(_locate(entry[side], root))
+                entry[side] = str(locate(entry[side], root))
+    return cfg, mixture
+
+
+def inspect_run(root: Path) -> RunFolder:
+    """Everything diagnose reads, checked before any work; a MeritError naming the file otherwise."""
+    from merit import artifacts
+
+    cfg, mixture = config_and_mixture(root)
     main = _merge_of(root, root, _main_name(cfg))
     theta0_manifest = artifacts.read_manifest(root / "theta0")
     theta0_hash = (theta0_manifest or {}).get("hash")
@@ -150,7 +158,7 @@ def _theta0_folder(root: Path, manifest: dict | None, main: Merge) -> Path:
 
     candidates = []
     if manifest is not None:
-        candidates.append(_locate(manifest.get("path", root / "theta0"), root))
+        candidates.append(locate(manifest.get("path", root / "theta0"), root))
     candidates.append(Path(artifacts.read_manifest(main.branches[0]).get("theta0", root / "theta0")))
     for c in candidates:
         if (c / "config.json").is_file():
@@ -158,7 +166,7 @@ def _theta0_folder(root: Path, manifest: dict | None, main: Merge) -> Path:
     raise MeritError(f"{root}/theta0: θ(0) not found (looked in {', '.join(map(str, candidates))})")
 
 
-def _locate(recorded: str | Path, root: Path) -> Path:
+def locate(recorded: str | Path, root: Path) -> Path:
     """A path a manifest recorded, relative to where `merit run` ran: as it is when it exists from here,
     else its tail inside the run folder (``run/mixture/data/...`` → ``RUN/mixture/data/...``)."""
     p = Path(recorded)
