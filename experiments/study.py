@@ -21,6 +21,10 @@ checkpoints and are never committed). Units run in order:
    residual-gradient conflicts, ``split.conflict: residual``). The sweep and every seed's main unit are
    diagnosed (≈ 1.3 h each on 2 cores for SmolLM2); the r- and residual units are not.
 
+Between them, ``probe-lr<lr>`` units run ``merit probe`` (two random halves, a fraction of an epoch) at
+the preset's probe learning rates, so the page can set the probe's verdict beside the full diagnosis at
+the same learning rate.
+
 Seed 0's ``s0`` folder is the sweep's folder at the chosen learning rate, so its joint and MERIT runs
 are not trained twice (the pipeline resumes them by key).
 """
@@ -62,6 +66,11 @@ class Preset:
     diagnose_eval_seconds: float = 6.0
     hvp_seconds: float = 1.0
     eval_items: tuple[int, int] = (0, 0)  # (in-mixture, transfer) items per checkpoint, for the budget
+    # ``merit probe`` at these learning rates (seed 0), after the sweep, so that its quarter-epoch verdict can
+    # be read against the full run's diagnosis at the same learning rate: does the probe predict it?
+    probe_lrs: list[float] = field(default_factory=list)
+    probe: dict = field(default_factory=lambda: {"fraction": 0.25, "alphas": 6, "draws": 2})  # its flags
+    probe_sets: dict = field(default_factory=dict)  # --set values of the probe units only
 
 
 # 24 training tasks: the 12 of the pilot (docs/results-pilot.md) and 12 more with short prompts; the 24
@@ -120,6 +129,12 @@ FULL = Preset(
     # A diagnose loss evaluation (192 examples, weights set in place) 27 s and an HVP 310 s, measured on
     # a SmolLM2 run folder of this study (benchmarks/diagnose_results.md).
     step_seconds=5.2, item_seconds=0.2, diagnose_eval_seconds=27.0, hvp_seconds=310.0, eval_items=(1986, 2136),
+    # The probe at the sweep's middle learning rate; 8 held-out examples per source for its evaluation and
+    # its diagnosis (the sweep's diagnose sample), so that it costs minutes rather than the hours of
+    # scoring every held-out line.
+    probe_lrs=[1.0e-4],
+    probe={"fraction": 0.25, "alphas": 6, "draws": 1},  # the sweep's diagnose settings
+    probe_sets={"eval.max_per_source": 8},
 )
 
 
@@ -145,6 +160,8 @@ def tiny_preset(data: Path, transfer: Path, model: Path | None = None) -> Preset
         r_main=1,
         residual=True,
         seed0_extras={"baselines.joint_epochs": [0.5, 1]},
+        probe_lrs=[1.0e-3],
+        probe={"fraction": 0.5, "alphas": 3, "draws": 1},
     )
 
 
@@ -156,9 +173,18 @@ class Unit:
     name: str
     folder: str  # run folder name under runs/study-<preset>/
     sets: dict  # --set overrides (values as YAML)
+    probe: dict | None = None  # a `merit probe` unit: its flags (fraction, alphas, draws); None: a `merit run`
 
     def overrides(self) -> list[str]:
         return [f"{k}={json.dumps(v)}" for k, v in self.sets.items()]
+
+    def command(self, config: Path, folder: Path) -> list[str]:
+        """The merit command line of this unit."""
+        sets = sum((["--set", s] for s in self.overrides()), [])
+        if self.probe is None:
+            return ["run", str(config), "--out", str(folder), *sets]
+        flags = sum(([f"--{k}", str(v)] for k, v in self.probe.items()), [])
+        return ["probe", str(config), "--out", str(folder), *sets, *flags]
 
 
 def _lr_tag(lr: float) -> str:
@@ -170,6 +196,11 @@ def sweep_units(p: Preset) -> list[Unit]:
                  {"seed": 0, "train.learning_rate": lr, "split.r": p.r_main, "baselines.random": False,
                   "diagnose.enabled": True, **p.sweep_sets})
             for lr in p.learning_rates]
+
+
+def probe_units(p: Preset) -> list[Unit]:
+    return [Unit(f"probe-lr{_lr_tag(lr)}", f"probe-lr{_lr_tag(lr)}",
+                 {"seed": 0, "train.learning_rate": lr, **p.probe_sets}, probe=p.probe) for lr in p.probe_lrs]
 
 
 def main_units(p: Preset, lr: float) -> list[Unit]:
@@ -190,9 +221,20 @@ def main_units(p: Preset, lr: float) -> list[Unit]:
     return units
 
 
+def study_units(p: Preset, lr: float | None) -> list[Unit]:
+    """Every unit in the order they run (the main units once the sweep has chosen ``lr``)."""
+    return sweep_units(p) + probe_units(p) + (main_units(p, lr) if lr is not None else [])
+
+
 def estimate(p: Preset, unit: Unit, earlier: list[Unit]) -> dict:
     """The budget model of one unit: epochs trained, checkpoints scored, hours (training, evaluation,
     diagnosis). A folder that an earlier unit already ran (s0 is the sweep's folder) costs only what it adds."""
+    data = p.config["mixture"]
+    steps = len(data.get("include") or []) * (data.get("max_train_per_source") or 0) / p.config["train"]["batch_size"]
+    d = {**p.config.get("diagnose", {}), **(unit.probe or {})}
+    if unit.probe is not None:
+        return _probe_estimate(p, unit, steps, d)
+
     def rows(sets: dict) -> tuple[float, int, bool]:
         epochs, ckpts = 1.0, 2  # the main split's branches (one epoch in all) and its merge; θ(0)
         if sets.get("baselines.joint", True):
@@ -215,17 +257,31 @@ def estimate(p: Preset, unit: Unit, earlier: list[Unit]) -> dict:
         new_items = (ckpts - c0) * p.eval_items[0] + (ckpts * p.eval_items[1] if transfer and not t0 else 0)
     else:
         new_items = ckpts * (p.eval_items[0] + (p.eval_items[1] if transfer else 0))
-    data = p.config["mixture"]
-    steps = len(data.get("include") or []) * (data.get("max_train_per_source") or 0) / p.config["train"]["batch_size"]
     train_h = epochs * steps * p.step_seconds / 3600
     eval_h = new_items * p.item_seconds / 3600
     k = 2 ** unit.sets.get("split.r", p.r_main)
-    d = p.config.get("diagnose", {})
     evaluations = (k * (k - 1) // 2 + k) * d.get("alphas", 21) + 3 * 3 * d.get("draws", 3) * 2
     hvps = k * (2 if unit.sets.get("baselines.random", True) else 1)  # MERIT's branches, and random's
     diag_h = ((evaluations * p.diagnose_eval_seconds + hvps * p.hvp_seconds) / 3600
               if unit.sets.get("diagnose.enabled") else 0.0)
     return {"epochs": epochs, "checkpoints": ckpts, "items": new_items, "train_h": train_h, "eval_h": eval_h,
+            "diagnose_h": diag_h, "hours": train_h + eval_h + diag_h}
+
+
+def _probe_estimate(p: Preset, unit: Unit, steps: float, d: dict) -> dict:
+    """A probe: two halves at ``fraction`` epoch each (together ``fraction`` of an epoch's steps) and the joint
+    run at ``fraction``; θ(0), joint and the merge scored on its in-mixture sample; one pair and two
+    branch→merge paths, the perturbations of the three models, two HVPs (one per half)."""
+    epochs = 2 * unit.probe["fraction"]
+    cap = unit.sets.get("eval.max_per_source", p.config["eval"].get("max_per_source"))
+    tasks = len(p.config["mixture"].get("include") or [])
+    per_ckpt = min(cap * tasks, p.eval_items[0]) if cap and tasks else p.eval_items[0]
+    items = 3 * per_ckpt
+    evaluations = 3 * d.get("alphas", 11) + 3 * 3 * d.get("draws", 2) * 2
+    train_h = epochs * steps * p.step_seconds / 3600
+    eval_h = items * p.item_seconds / 3600
+    diag_h = (evaluations * p.diagnose_eval_seconds + 2 * p.hvp_seconds) / 3600
+    return {"epochs": epochs, "checkpoints": 3, "items": items, "train_h": train_h, "eval_h": eval_h,
             "diagnose_h": diag_h, "hours": train_h + eval_h + diag_h}
 
 
@@ -245,10 +301,13 @@ def chosen_lr(p: Preset, results: Path) -> float | None:
 
 def is_done(unit: Unit, results: Path) -> bool:
     info = results / unit.name / "unit.json"
-    return info.exists() and json.loads(info.read_text()).get("sets") == unit.sets
+    if not info.exists():
+        return False
+    done = json.loads(info.read_text())
+    return done.get("sets") == unit.sets and done.get("probe") == unit.probe
 
 
-COMPACT = ["results.json", "config.yaml", "split/plan.json", "split/conflict.json", "split/pca.json",
+COMPACT = ["results.json", "probe.json", "config.yaml", "split/plan.json", "split/conflict.json", "split/pca.json",
            "diagnose/diagnose.json", "grads/manifest.json"]
 
 
@@ -289,9 +348,10 @@ def run_unit(p: Preset, unit: Unit, runs: Path, results: Path, config_path: Path
 
     folder = runs / unit.folder
     started = time.time()
-    rc = merit(["run", str(config_path), "--out", str(folder), *sum((["--set", s] for s in unit.overrides()), [])])
+    rc = merit(unit.command(config_path, folder))
     if rc != 0:
-        raise SystemExit(f"study: unit {unit.name} failed (merit run exit {rc}); its log is in {folder}")
+        raise SystemExit(f"study: unit {unit.name} failed (merit {'probe' if unit.probe else 'run'} exit {rc}); "
+                         f"its log is in {folder}")
     target = results / unit.name
     if target.exists():
         shutil.rmtree(target)
@@ -299,7 +359,7 @@ def run_unit(p: Preset, unit: Unit, runs: Path, results: Path, config_path: Path
     shutil.rmtree(tmp, ignore_errors=True)
     collect(folder, tmp)
     (tmp / "unit.json").write_text(json.dumps({
-        "unit": unit.name, "preset": p.name, "sets": unit.sets, "folder": str(folder),
+        "unit": unit.name, "preset": p.name, "sets": unit.sets, "probe": unit.probe, "folder": str(folder),
         "seconds": round(time.time() - started, 1), "machine": machine(), "commit": git_commit(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }, indent=2) + "\n")
@@ -330,9 +390,11 @@ def run(p: Preset, runs: Path, results: Path, *, only: list[str] | None = None, 
     def todo(units: list[Unit]) -> list[Unit]:
         return [u for u in units if (only is None or u.name in only) and not is_done(u, results)]
 
-    for stage in ("sweep", "main"):
+    for stage in ("sweep", "probe", "main"):
         if stage == "sweep":
             units = sweep_units(p)
+        elif stage == "probe":
+            units = probe_units(p)
         else:
             lr = chosen_lr(p, results)
             if lr is None:
@@ -357,8 +419,9 @@ def run(p: Preset, runs: Path, results: Path, *, only: list[str] | None = None, 
 def plan_text(p: Preset, results: Path) -> str:
     lr = chosen_lr(p, results)
     lines = [f"study preset {p.name}: sweep {p.learning_rates}, seeds {p.seeds}, r {p.r_main} (+{p.r_other})"]
-    for u in sweep_units(p) + (main_units(p, lr) if lr is not None else []):
-        lines.append(f"  [{'done' if is_done(u, results) else 'todo'}] {u.name:14s} {' '.join(u.overrides())}")
+    for u in study_units(p, lr):
+        flags = " ".join(f"--{k} {v}" for k, v in (u.probe or {}).items())
+        lines.append(f"  [{'done' if is_done(u, results) else 'todo'}] {u.name:14s} {' '.join(u.overrides())} {flags}".rstrip())
     if lr is None:
         lines.append("  (the units at the chosen learning rate are listed once the sweep has run)")
     return "\n".join(lines)

@@ -13,8 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from study import Preset, chosen_lr, estimate, is_done, main_units, sweep_units
+from study import Preset, chosen_lr, estimate, is_done, main_units, probe_units, study_units, sweep_units
 
+from merit.diagnose.cli import largest_barrier
 from merit.evaluate.stats import macro_interval, paired_difference
 
 CLAIMS = ("MERIT ≥ joint at equal budget", "MERIT ≥ random", "gains grow with r")
@@ -95,8 +96,11 @@ def design(p: Preset) -> list[str]:
               + ", ".join(f"`{k_}: {v}`" for k_, v in p.seed0_extras.items())
               + (" and MERIT on residual-gradient conflicts (`split.conflict: residual`)." if p.residual else "."),
               "- Diagnostics (`diagnose.enabled`) on the sweep's units (merge-readiness per learning rate) and on "
-              "every seed's main unit.", ""]
-    lines += ["### Power", "",
+              "every seed's main unit."]
+    if p.probe_lrs:
+        lines.append(f"- `merit probe` (two random halves, {p.probe['fraction']:g} epoch each) at learning rate "
+                     f"{', '.join(f'{lr:g}' for lr in p.probe_lrs)}, read against the sweep's full diagnosis there.")
+    lines += ["", "### Power", "",
               "A paired difference between two models on n binary items, a fraction d of which they score "
               "differently, has a 95% half-width of about 1.96·√(d/n) (the macro average over sources weighs "
               "items unequally, which widens it slightly; the page's intervals are the paired bootstrap's). "
@@ -111,7 +115,7 @@ def design(p: Preset) -> list[str]:
 def planned(p: Preset) -> list[str]:
     """The budget model, before running: per unit, at the middle learning rate of the sweep."""
     lr = p.learning_rates[len(p.learning_rates) // 2]
-    units = sweep_units(p) + main_units(p, lr)
+    units = study_units(p, lr)
     rows, total = [], 0.0
     for i, u in enumerate(units):
         e = estimate(p, u, units[:i])
@@ -145,7 +149,7 @@ def budget(p: Preset, results: Path) -> list[str]:
 
 def status(p: Preset, results: Path) -> list[str]:
     lr = chosen_lr(p, results)
-    units = sweep_units(p) + (main_units(p, lr) if lr is not None else [])
+    units = study_units(p, lr)
     todo = [u.name for u in units if not is_done(u, results)]
     line = f"Units done: {len(units) - len(todo)} of {len(units)}" + (f"; still to run: {', '.join(todo)}" if todo else "")
     if lr is None:
@@ -274,6 +278,52 @@ def diagnostics(p: Preset, results: Path) -> list[str]:
                     "per source, so L(θ̄) differs slightly from results.json's); docs/diagnostics.md defines each.", ""]
 
 
+def probes(p: Preset, results: Path) -> list[str]:
+    """Each probe beside the sweep's full diagnosis at its learning rate: did the cheap verdict predict it?"""
+    if not p.probe_lrs:
+        return []
+    lines = ["## Probe before the budget (`merit probe`)", ""]
+    rows, info = [], None
+    for unit, lr in zip(probe_units(p), p.probe_lrs):
+        folder = results / unit.name
+        if not (folder / "probe.json").exists():
+            rows.append([f"{lr:g}", "not run"] + [""] * 8)
+            continue
+        probe, d = (json.loads((folder / f).read_text()) for f in ("probe.json", "diagnose/diagnose.json"))
+        info = probe
+        worst, relative = largest_barrier(d)
+        gain = d["merge_gain"][d["main"]]
+        ratio = d["displacement"].get("joint_over_merged")
+        full = [u for u, x in zip(sweep_units(p), p.learning_rates) if x == lr]
+        full_cells = ["not in the sweep", "", ""]
+        if full and (results / full[0].name / "diagnose" / "diagnose.json").exists():
+            f_dir = results / full[0].name
+            fd = json.loads((f_dir / "diagnose" / "diagnose.json").read_text())
+            _, f_rel = largest_barrier(fd)
+            row = f"merit-r{p.r_main}"
+            full_cells = [f"{fd['lmc']['max_barrier']:.4g} ({100 * (f_rel or 0):.1f}%)",
+                          f"{fd['merge_gain'][fd['main']]['measured']:.4g}",
+                          _diff(paired_difference(_items(f_dir, row), _items(f_dir, "joint")))]
+        rows.append([f"{lr:g}", f"{worst['barrier']:.4g} ({100 * (relative or 0):.1f}%)",
+                     f"{gain['measured']:.4g}", f"{gain['predicted']:.4g}",
+                     "—" if gain.get("ratio") is None else f"{gain['ratio']:.2f}",
+                     "—" if ratio is None else f"{ratio:.2f}",
+                     "**merge-ready**" if probe["merge_ready"] else "**not merge-ready**", *full_cells])
+    lines += _table(["learning rate", "probe: max barrier (of end loss)", "measured gain", "predicted gain",
+                     "measured / predicted", "joint / merged displacement", "verdict",
+                     "full run: max barrier", "full run: measured gain", f"full run: merit-r{p.r_main} − joint (in-mixture)"],
+                    rows)
+    if info is not None:
+        t = info["thresholds"]
+        lines += ["", f"The probe: two random, sample-balanced halves and the joint run, each {info['fraction']:g} "
+                  f"epoch, one token-weighted merge, diagnosed ({', '.join(f'`{k}={v}`' for k, v in p.probe_sets.items()) or 'the config'}). "
+                  f"Merge-ready: largest barrier ≤ {t['barrier_relative']:.0%} of its path's end loss and measured "
+                  f"gain ≥ {t['measured_gain']:g}. The full run's columns are the sweep's unit at the same learning "
+                  "rate (K = {0}, one epoch): a probe that says merge-ready while the full merge still loses to "
+                  "joint shows that merge-readiness is necessary, not sufficient.".format(2**p.r_main)]
+    return lines + [""]
+
+
 def residual(p: Preset, results: Path) -> list[str]:
     if not p.residual:
         return []
@@ -327,8 +377,8 @@ def write_summary(p: Preset, results: Path, out: Path) -> list[Path]:
              "before it (12 tasks × 32 examples, 2 seeds, 20–25 items per task) is in "
              "[results-pilot.md](results-pilot.md).", ""]
     lines += status(p, results) + design(p) + planned(p) + budget(p, results) + sweep(p, results)
-    lines += scores(p, results, "") + scores(p, results, "transfer") + diagnostics(p, results) + residual(p, results)
-    lines += verdicts(p, results)
+    lines += scores(p, results, "") + scores(p, results, "transfer")
+    lines += diagnostics(p, results) + probes(p, results) + residual(p, results) + verdicts(p, results)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(lines).rstrip() + "\n")

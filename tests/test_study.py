@@ -32,8 +32,8 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     preset = study.tiny_preset(data, transfer, tiny_checkpoint)
     runs, results, page = tmp_path / "runs", tmp_path / "results", tmp_path / "results.md"
     ran = study.run(preset, runs, results, summary_out=page)
-    # the sweep (2 learning rates), then the seed at the chosen one, then the residual-conflict row
-    assert ran == ["lr-0.001", "lr-0.003", "s0", "s0-residual"]
+    # the sweep (2 learning rates), the probe, then the seed at the chosen one, then the residual-conflict row
+    assert ran == ["lr-0.001", "lr-0.003", "probe-lr0.001", "s0", "s0-residual"]
     lr = study.chosen_lr(preset, results)
     losses = {u: json.loads((results / u / "results.json").read_text())["methods"]["joint"]["loss"]
               for u in ("lr-0.001", "lr-0.003")}
@@ -46,6 +46,11 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
         assert (s0 / f).is_file(), f
     assert not list(results.rglob("*.safetensors"))  # never a checkpoint
     assert (results / "s0-residual" / "eval" / "merit-r1-residual.json").is_file()
+    probe_dir = results / "probe-lr0.001"
+    probe = json.loads((probe_dir / "probe.json").read_text())
+    assert probe["fraction"] == 0.5 and json.loads((probe_dir / "unit.json").read_text())["probe"] == preset.probe
+    probe_plan = json.loads((probe_dir / "split" / "plan.json").read_text())
+    assert probe_plan["method"] == "random" and len(probe_plan["groups"]) == 2  # two random halves
 
     # Resume from the collected files alone: the run folders are gone, nothing is rerun.
     shutil.rmtree(runs)
@@ -56,7 +61,7 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     for heading in ("## Design", "### Power", "## Learning-rate sweep", "## In-mixture held-out tasks",
                     "## Transfer", "## Diagnostics per seed", "## Research row", "## The paper's claims"):
         assert heading in text, heading
-    assert "Units done: 4 of 4" in text
+    assert "Units done: 5 of 5" in text
     # Every diagnosed unit has its row: the sweep's learning rates and the seed's main unit.
     diag = text.split("## Diagnostics per seed")[1].split("\n## ")[0]
     assert all(f"| {u} | merit-r1 | " in diag for u in ("lr-0.001", "lr-0.003", "s0")), diag
@@ -64,8 +69,16 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     joint = json.loads((s0 / "results.json").read_text())["methods"]["joint"]
     assert f"| joint | 1 | {100 * joint['macro']:.1f} [" in text
     assert "items scored ≠ joint (d)" in text
+    # The probe's row: its own barrier and gain, its verdict, beside the full diagnosis at its learning rate.
+    probe_section = text.split("## Probe before the budget")[1].split("\n## ")[0]
+    d = json.loads((probe_dir / "diagnose" / "diagnose.json").read_text())
+    row = next(line for line in probe_section.splitlines() if line.startswith("| 0.001 |"))
+    assert f"| {d['merge_gain'][d['main']]['measured']:.4g} |" in row
+    assert ("**merge-ready**" if probe["merge_ready"] else "**not merge-ready**") in row
+    full = json.loads((results / "lr-0.001" / "diagnose" / "diagnose.json").read_text())
+    assert f"| {full['merge_gain'][full['main']]['measured']:.4g} |" in row
     assert sum(line.startswith(("1. ", "2. ")) for line in text.splitlines()) == 2
     assert any(w in text for w in ("**reproduced**", "**not reproduced**", "**not resolved**"))
     # A summary of a study that has not started says so, and decides nothing.
     empty = write_summary(preset, tmp_path / "none", tmp_path / "empty.md")[0].read_text()
-    assert "Units done: 0 of 2" in empty and "Not decided" in empty
+    assert "Units done: 0 of 3" in empty and "Not decided" in empty
