@@ -16,6 +16,7 @@ from pathlib import Path
 from study import Preset, chosen_lr, estimate, is_done, main_units, probe_units, study_units, sweep_units
 
 from merit.diagnose.cli import largest_barrier
+from merit.diagnose.probe import verdict
 from merit.evaluate.stats import macro_interval, paired_difference
 
 CLAIMS = ("MERIT ≥ joint at equal budget", "MERIT ≥ random", "gains grow with r")
@@ -255,27 +256,66 @@ def diagnostics(p: Preset, results: Path) -> list[str]:
     lines = ["## Diagnostics per seed (and per learning rate of the sweep)", ""]
     lr = chosen_lr(p, results)
     names = [u.name for u in sweep_units(p)] + ([u.name for u in main_units(p, lr)] if lr is not None else [])
-    rows = []
+    rows, reports = [], {}
     for name in names:
         path = results / name / "diagnose" / "diagnose.json"
         if not path.exists():
             continue
-        d = json.loads(path.read_text())
+        d = reports[name] = json.loads(path.read_text())
         main = d["merge_gain"].get(d["main"], {})
         ratio = d["displacement"].get("joint_over_merged")
         auc = {m: v["auc"] for m, v in d["perturbation"]["models"].items()}
+        tv = d["displacement"].get("task_vectors")  # diagnoses before it was reported lack it
+        geometry = ([f"{tv['mean_pair_cos']:.2f}", f"{tv['mean_retention']:.2f} ({1 / tv['branches']:.2f})",
+                     f"{tv['cos_merged_joint']:.2f}" if "cos_merged_joint" in tv else "—"] if tv else ["—"] * 3)
         rows.append([name, d["main"], f"{d['lmc']['max_barrier']:.4g}", "—" if ratio is None else f"{ratio:.2f}",
                      f"{main.get('measured', float('nan')):.4g}", f"{main.get('predicted', float('nan')):.4g}",
                      "—" if main.get("ratio") is None else f"{main['ratio']:.2f}",
                      f"{auc.get('merged', float('nan')):.4g} / {auc.get('joint', float('nan')):.4g}",
-                     ", ".join(f"{n}: {g['measured']:.3g}" for n, g in d["merge_gain"].items() if n != d["main"]) or "—"])
+                     ", ".join(f"{n}: {g['measured']:.3g}" for n, g in d["merge_gain"].items() if n != d["main"]) or "—",
+                     *geometry])
     if not rows:
         return lines + ["No diagnosed unit yet.", ""]
     lines += _table(["unit", "merge", "max LMC barrier", "joint / merged displacement", "measured gain",
                      "predicted gain", "measured / predicted", "flatness AUC merged / joint",
-                     "random split's measured gain"], rows)
+                     "random split's measured gain", "branch updates' mean cos", "merge keeps (if orthogonal)",
+                     "cos(merge, joint) update"], rows)
     return lines + ["", "Barrier, gains: in held-out loss (nats per token), on the diagnose sample (8 held-out examples "
-                    "per source, so L(θ̄) differs slightly from results.json's); docs/diagnostics.md defines each.", ""]
+                    "per source, so L(θ̄) differs slightly from results.json's). Task vectors τ = θ − θ(0): the mean "
+                    "pairwise cosine of the branches' updates, the share (τ̄·τ_k)/‖τ_k‖² of each branch's own update "
+                    "the merge keeps (w_k ≈ 1/K if the updates were orthogonal, 1 if equal), and the cosine of the "
+                    "merge's update with joint's. docs/diagnostics.md defines each.", ""] + reading(results, reports)
+
+
+def reading(results: Path, reports: dict[str, dict]) -> list[str]:
+    """What the diagnosed units say, in sentences computed from their files: merge-ready or not (the
+    probe's own test), does the gain follow Thm 3.1, and how the merge then scores against joint."""
+    ready = {name: verdict(d)[0] for name, d in reports.items()}
+    ratios = [d["merge_gain"][d["main"]]["ratio"] for d in reports.values()
+              if d["merge_gain"][d["main"]].get("ratio") is not None]
+    lines = ["Reading:", "",
+             f"- Merge-ready by `merit probe`'s test (largest barrier ≤ 1% of its path's end loss and measured "
+             f"gain ≥ 0): {sum(ready.values())} of {len(ready)} diagnosed units"
+             + (f" (not: {', '.join(n for n, ok in ready.items() if not ok)})." if not all(ready.values()) else ".")]
+    if ratios:
+        lines.append(f"- Measured / Hessian-predicted merge gain {min(ratios):.2f}–{max(ratios):.2f} (1: the quadratic "
+                     "model of Thm 3.1 accounts for the gain).")
+    diffs = []
+    for name, d in reports.items():
+        merit, joint = _items(results / name, d["main"]), _items(results / name, "joint")
+        if merit is not None and joint is not None:
+            diffs.append(f"{name} {_diff(paired_difference(merit, joint))}")
+    if diffs:
+        lines.append(f"- The merge against joint on the same units' in-mixture items (points): {'; '.join(diffs)}.")
+    keeps = [d["displacement"]["task_vectors"] for d in reports.values() if d["displacement"].get("task_vectors")]
+    if keeps:
+        lines.append(f"- What the merge keeps: {min(t['mean_retention'] for t in keeps):.2f}–"
+                     f"{max(t['mean_retention'] for t in keeps):.2f} of each branch's own update (orthogonal updates: "
+                     f"{1 / keeps[0]['branches']:.2f}; branch updates' mean cosine "
+                     f"{min(t['mean_pair_cos'] for t in keeps):.2f}–{max(t['mean_pair_cos'] for t in keeps):.2f})"
+                     + ("; so even in one basin the merge averages the branches' task-specific updates down rather "
+                        "than adding them." if max(t["mean_retention"] for t in keeps) < 0.5 else "."))
+    return lines + [""]
 
 
 def probes(p: Preset, results: Path) -> list[str]:

@@ -12,18 +12,19 @@ branches and the merge tensor by tensor (bounded memory) and reports, with τ_k 
   a K-times smaller update than the branch learned;
 - |τ̄| / |τ_joint| and cos(τ̄, τ_joint) when the folder (or a sibling of the same seed) has the joint run.
 
-Only the folder's own files are read; nothing is written but the optional Markdown table.
+Only the folder's own files are read; nothing is written but the optional Markdown table. `merit diagnose`
+reports the same numbers (``displacement.task_vectors``) for the run it diagnoses.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
+
+from merit.diagnose import landscape as L
 
 
 def _open(folder: Path):
@@ -40,31 +41,15 @@ def theta0_folder(run: Path) -> Path:
 
 
 def geometry(theta0: Path, branches: list[Path], weights: list[float], merged: Path, joint: Path | None) -> dict:
-    """Gram matrix of the task vectors (and of the merge and joint) accumulated tensor by tensor in fp64."""
+    """The task-vector geometry `merit diagnose` reports (merit.diagnose.landscape), for any run folder."""
     base = _open(theta0)
     opened = [_open(b) for b in branches] + [_open(merged)] + ([_open(joint)] if joint else [])
-    n = len(opened)
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = L.TaskVectorGram(len(opened))
     for key, h in base.items():
         t0 = h.get_tensor(key).double()
-        if not t0.is_floating_point():
-            continue
-        taus = [o[key].get_tensor(key).double().sub_(t0).flatten() for o in opened]
-        stacked = torch.stack(taus)
-        gram += stacked @ stacked.T
-    k = len(branches)
-    norms = gram.diagonal().sqrt()
-    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-    pair = [float(cos[i, j]) for i, j in itertools.combinations(range(k), 2)]
-    retention = [float(gram[k, i] / gram[i, i]) for i in range(k)]
-    out = {"branches": k, "weights": weights, "mean_pair_cos": sum(pair) / len(pair) if pair else float("nan"),
-           "retention": retention, "mean_retention": sum(retention) / k,
-           "branch_norm_mean": float(norms[:k].mean()), "merged_norm": float(norms[k])}
-    if joint:
-        out["merged_over_joint_norm"] = float(norms[k] / norms[k + 1])
-        out["cos_merged_joint"] = float(cos[k, k + 1])
-        out["mean_cos_branch_joint"] = float(cos[:k, k + 1].mean())
-    return out
+        if t0.is_floating_point():
+            gram.add([o[key].get_tensor(key).double().sub_(t0) for o in opened])
+    return L.task_vector_geometry(gram.gram, weights, joint is not None)
 
 
 def variants(run: Path) -> list[tuple[str, list[Path], list[float], Path]]:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -115,6 +116,43 @@ def test_parallel_axis_identity_tensor_by_tensor():
     assert broken.relative_error > 1e-3
 
 
+def test_task_vector_gram_and_what_the_merge_keeps():
+    g = torch.Generator().manual_seed(3)
+    weights = [0.2, 0.3, 0.5]
+    shapes = [(6, 4), (9,), (3, 2, 2)]
+    taus = {s: [torch.randn(s, generator=g) for _ in weights] for s in shapes}
+    gram = L.TaskVectorGram(len(weights) + 2)
+    for s in shapes:
+        merged = sum(w * t for w, t in zip(weights, taus[s]))
+        gram.add(taus[s] + [merged, 2.0 * merged])  # a "joint" along the merge, twice as far
+    flat = torch.stack([torch.cat([taus[s][k].flatten() for s in shapes]) for k in range(3)]).double()
+    # Accumulated tensor by tensor = the Gram of the whole flattened vectors.
+    np.testing.assert_allclose(gram.gram[:3, :3], (flat @ flat.T).numpy(), rtol=1e-12)
+    geo = L.task_vector_geometry(gram.gram, weights, joint=True)
+    tau_bar = sum(w * t for w, t in zip(weights, flat))
+    assert geo["retention"] == pytest.approx([float(tau_bar @ t / (t @ t)) for t in flat])
+    assert geo["merged_vs_weighted_sum"] < 1e-6  # float32 rounding of the merge built above
+    assert geo["cos_merged_joint"] == pytest.approx(1.0) and geo["merged_over_joint_norm"] == pytest.approx(0.5)
+    assert np.allclose(np.diag(geo["pair_cosines"]), 1.0)
+
+    # Orthogonal updates: the merge keeps exactly w_k of each branch's own update; equal updates: all of it.
+    eye = np.eye(3) * np.array([4.0, 1.0, 9.0])
+    w = np.array(weights)
+    ortho = np.zeros((4, 4))
+    ortho[:3, :3] = eye
+    ortho[3, :3] = ortho[:3, 3] = w * np.diag(eye)
+    ortho[3, 3] = float(w @ eye @ w)
+    geo = L.task_vector_geometry(ortho, weights, joint=False)
+    assert geo["retention"] == pytest.approx(weights) and geo["mean_pair_cos"] == pytest.approx(0.0)
+    same = np.ones((4, 4))
+    geo = L.task_vector_geometry(same, weights, joint=False)
+    assert geo["retention"] == pytest.approx([1.0] * 3) and geo["mean_pair_cos"] == pytest.approx(1.0)
+    # A merge file that is not Σ w_k θ_k shows in the identity.
+    wrong = ortho.copy()
+    wrong[3, 3] *= 1.5
+    assert L.task_vector_geometry(wrong, weights, joint=False)["merged_vs_weighted_sum"] > 0.1
+
+
 def test_relative_noise_scales_with_each_tensors_rms_and_auc():
     g = torch.Generator().manual_seed(0)
     big, small = torch.full((200, 200), 3.0), torch.full((200, 200), 0.01)
@@ -200,6 +238,14 @@ def test_diagnose_json_has_every_number(tiny_run, diagnosed):
     assert disp["parallel_axis"]["mean_sq_norm"] ** 0.5 == pytest.approx(disp["merged"], rel=1e-5)
     # The merge is inside the branches' convex hull, so it moved less than their weighted mean.
     assert disp["merged"] ** 2 <= disp["parallel_axis"]["weighted_sq_norms"]
+    # Task-vector geometry from the same pass: norms match the displacements, ‖τ̄‖² = Σ_k w_k retention_k ‖τ_k‖².
+    tv = disp["task_vectors"]
+    assert tv["branch_norms"] == pytest.approx(list(disp["branches"].values()), rel=1e-9)
+    assert tv["merged_norm"] == pytest.approx(disp["merged"], rel=1e-9)
+    assert tv["merged_norm"] ** 2 == pytest.approx(
+        sum(w * r * n ** 2 for w, r, n in zip(tv["weights"], tv["retention"], tv["branch_norms"])), rel=1e-9)
+    assert tv["merged_vs_weighted_sum"] < 1e-6 and -1.0 <= tv["cos_merged_joint"] <= 1.0
+    assert tv["merged_over_joint_norm"] == pytest.approx(1 / disp["joint_over_merged"], rel=1e-9)
 
     assert set(d["loss_gap"]) == {"merged", "joint"}
     for row in d["loss_gap"].values():

@@ -65,6 +65,14 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     # Every diagnosed unit has its row: the sweep's learning rates and the seed's main unit.
     diag = text.split("## Diagnostics per seed")[1].split("\n## ")[0]
     assert all(f"| {u} | merit-r1 | " in diag for u in ("lr-0.001", "lr-0.003", "s0")), diag
+    # Its reading counts the units the probe's own test calls merge-ready, from their files.
+    from merit.diagnose.probe import verdict
+
+    ready = sum(verdict(json.loads((results / u / "diagnose" / "diagnose.json").read_text()))[0]
+                for u in ("lr-0.001", "lr-0.003", "s0"))
+    assert f"gain ≥ 0): {ready} of 3 diagnosed units" in diag
+    s0_tv = json.loads((s0 / "diagnose" / "diagnose.json").read_text())["displacement"]["task_vectors"]
+    assert f"| {s0_tv['mean_pair_cos']:.2f} | {s0_tv['mean_retention']:.2f} (0.50) |" in diag
     # The verdicts come from the files: joint's row equals its own results.json score.
     joint = json.loads((s0 / "results.json").read_text())["methods"]["joint"]
     assert f"| joint | 1 | {100 * joint['macro']:.1f} [" in text

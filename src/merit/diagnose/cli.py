@@ -161,6 +161,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
 
     # Displacements from θ(0) and the parallel-axis identity, one tensor name at a time.
     pa = L.ParallelAxis()
+    gram = L.TaskVectorGram(len(branches) + 1 + (joint is not None))  # [τ_1 … τ_K, τ̄ (, τ_joint)]
     sq = {"branches": [0.0] * len(branches), "merged": 0.0, "joint": 0.0, "merge_vs_weighted_sum": 0.0}
     for name in ev.floating:
         base = theta0[name].to(torch.float64)
@@ -171,8 +172,11 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
         m = merged[name].to(torch.float64) - base
         sq["merged"] += float(m.pow(2).sum())
         sq["merge_vs_weighted_sum"] += float((m - mean).pow(2).sum())
+        taus = deltas + [m]
         if joint is not None:
-            sq["joint"] += L.squared_distance(joint[name], base)
+            taus.append(joint[name].to(torch.float64) - base)
+            sq["joint"] += float(taus[-1].pow(2).sum())
+        gram.add(taus)
     displacement = {
         "branches": dict(zip(labels, [v ** 0.5 for v in sq["branches"]])),
         "merged": sq["merged"] ** 0.5,
@@ -183,6 +187,8 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
         "parallel_axis": {"weighted_sq_norms": pa.weighted_sq_norms, "mean_sq_norm": pa.mean_sq_norm,
                           "spread": pa.spread, "residual": pa.residual, "relative_error": pa.relative_error,
                           "holds": pa.relative_error <= PARALLEL_AXIS_TOLERANCE},
+        # what the merge keeps of each branch's update (why a merge-ready merge can still lose to joint)
+        "task_vectors": L.task_vector_geometry(gram.gram, main.weights, joint is not None),
     }
 
     # Train vs held-out loss, joint vs merged.
@@ -397,6 +403,12 @@ def summary(report: dict) -> str:
     ratio = f", joint/merged {d['joint_over_merged']:.3f}" if d["joint_over_merged"] is not None else ""
     lines.append(f"  displacement: merged {d['merged']:.4g}{ratio}; parallel-axis relative error "
                  f"{d['parallel_axis']['relative_error']:.1e}")
+    tv = d.get("task_vectors")
+    if tv:
+        joint = f", cos(τ̄, τ_joint) {tv['cos_merged_joint']:.3f}" if "cos_merged_joint" in tv else ""
+        lines.append(f"  task vectors: mean pairwise cos {tv['mean_pair_cos']:.3f}, the merge keeps "
+                     f"{tv['mean_retention']:.3f} of each branch's update (1/K if orthogonal: "
+                     f"{1 / tv['branches']:.3f}){joint}")
     for name, g in report["merge_gain"].items():
         ratio = f"{g['ratio']:.3f}" if g["ratio"] is not None else "n/a"
         lines.append(f"  merge gain {name}: measured {g['measured']:.4g}, predicted {g['predicted']:.4g}, ratio {ratio}")
