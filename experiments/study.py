@@ -15,9 +15,9 @@ checkpoints and are never committed). Units run in order:
 1. ``lr-<lr>`` for each learning rate of the sweep (seed 0): joint and MERIT at the main r, diagnosed
    (merge-readiness at each learning rate). The study's learning rate is the one with the lowest joint
    in-mixture held-out loss.
-2. For each seed: ``s<seed>`` (base, joint, MERIT at the main r, random at the main K, with the
-   diagnose stage; seed 0 adds joint at 0.5 and 2 epochs, soup-2 and random at K = 2), then
-   ``s<seed>-r<r>`` for the other r (MERIT and nothing else), and on seed 0 ``s0-residual`` (MERIT on
+2. For each seed ``s<seed>`` (base, joint, MERIT at the main r, random at the main K, with the
+   diagnose stage; seed 0 adds joint at 0.5 and 2 epochs, soup-2 and random at K = 2); then for each
+   seed ``s<seed>-r<r>`` for the other r (MERIT and nothing else); then ``s0-residual`` (MERIT on
    residual-gradient conflicts, ``split.conflict: residual``). The sweep and every seed's main unit are
    diagnosed (≈ 1.3 h each on 2 cores for SmolLM2); the r- and residual units are not.
 
@@ -204,20 +204,24 @@ def probe_units(p: Preset) -> list[Unit]:
 
 
 def main_units(p: Preset, lr: float) -> list[Unit]:
-    """The units at the study's learning rate, in the order they run."""
+    """The units at the study's learning rate, in the order they run: every seed's main unit first (joint,
+    MERIT and random at the main K: what claims 1 and 2 need), then the other r on every seed (claim 3),
+    then the residual-conflict row, so that a study cut short has decided what its finished units can."""
     units = []
     for seed in p.seeds:
-        base = {"seed": seed, "train.learning_rate": lr}
         extras = p.seed0_extras if seed == 0 else {"baselines.random_k": [2**p.r_main]}
         units.append(Unit(f"s{seed}", f"s{seed}-lr{_lr_tag(lr)}",
-                          {**base, "split.r": p.r_main, **extras, "diagnose.enabled": True}))
+                          {"seed": seed, "train.learning_rate": lr, "split.r": p.r_main, **extras,
+                           "diagnose.enabled": True}))
+    for seed in p.seeds:
         for r in p.r_other:
             units.append(Unit(f"s{seed}-r{r}", f"s{seed}-lr{_lr_tag(lr)}-r{r}",
-                              {**base, "split.r": r, "baselines.joint": False, "baselines.random": False}))
-        if p.residual and seed == 0:
-            units.append(Unit("s0-residual", f"s0-lr{_lr_tag(lr)}-residual",
-                              {**base, "split.r": p.r_main, "split.conflict": "residual", "baselines.joint": False,
+                              {"seed": seed, "train.learning_rate": lr, "split.r": r, "baselines.joint": False,
                                "baselines.random": False}))
+    if p.residual and 0 in p.seeds:
+        units.append(Unit("s0-residual", f"s0-lr{_lr_tag(lr)}-residual",
+                          {"seed": 0, "train.learning_rate": lr, "split.r": p.r_main, "split.conflict": "residual",
+                           "baselines.joint": False, "baselines.random": False}))
     return units
 
 

@@ -133,19 +133,31 @@ def planned(p: Preset) -> list[str]:
 
 
 def budget(p: Preset, results: Path) -> list[str]:
+    """Each finished unit's measured hours beside the budget model's, and what the rest will take at the
+    measured/planned ratio so far (so the next sessions can be planned from the files)."""
     lines = ["### Compute (measured)", ""]
     done = [json.loads(f.read_text()) for f in sorted(results.glob("*/unit.json"))]
-    if done:
-        total = sum(u["seconds"] for u in done)
-        m = done[0]["machine"]
-        lines.append(f"Measured: {len(done)} unit(s), {total / 3600:.1f} h on {m['cpus']} cores ({m['cpu']}); per unit:")
-        lines.append("")
-        lines += _table(["unit", "hours", "finished", "commit"],
-                        [[u["unit"], f"{u['seconds'] / 3600:.2f}", u["finished"], str(u["commit"])] for u in done])
-    else:
-        lines.append("No unit has run yet.")
+    if not done:
+        return lines + ["No unit has run yet.", ""]
+    lr = chosen_lr(p, results)
+    units = study_units(p, lr if lr is not None else p.learning_rates[len(p.learning_rates) // 2])
+    plan = {u.name: estimate(p, u, units[:i])["hours"] for i, u in enumerate(units)}
+    total = sum(u["seconds"] for u in done)
+    m = done[0]["machine"]
+    lines.append(f"Measured: {len(done)} unit(s), {total / 3600:.1f} h on {m['cpus']} cores ({m['cpu']}); per unit:")
     lines.append("")
-    return lines
+    lines += _table(["unit", "planned h", "measured h", "finished", "commit"],
+                    [[u["unit"], f"{plan[u['unit']]:.2f}" if u["unit"] in plan else "—", f"{u['seconds'] / 3600:.2f}",
+                      u["finished"], str(u["commit"])] for u in done])
+    planned_done = sum(plan[u["unit"]] for u in done if u["unit"] in plan)
+    measured_done = sum(u["seconds"] / 3600 for u in done if u["unit"] in plan)
+    todo = [u for u in units if not is_done(u, results)]
+    if planned_done > 0 and todo:
+        ratio = measured_done / planned_done
+        rest = sum(plan[u.name] for u in todo)
+        lines += ["", f"Measured / planned over the units done: {ratio:.2f}. The {len(todo)} unit(s) still to run are "
+                  f"planned at {rest:.1f} h: ≈ {rest * ratio:.1f} h at that ratio."]
+    return lines + [""]
 
 
 def status(p: Preset, results: Path) -> list[str]:

@@ -88,5 +88,15 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     assert sum(line.startswith(("1. ", "2. ")) for line in text.splitlines()) == 2
     assert any(w in text for w in ("**reproduced**", "**not reproduced**", "**not resolved**"))
     # A summary of a study that has not started says so, and decides nothing.
+    # The measured compute sits beside the budget model's plan, unit by unit.
+    info = json.loads((results / "s0" / "unit.json").read_text())
+    assert f"| s0 | {study.estimate(preset, study.main_units(preset, lr)[0], study.study_units(preset, lr)[:3])['hours']:.2f} " \
+           f"| {info['seconds'] / 3600:.2f} |" in text
+    # Half-way, the page says what the rest will take at the measured/planned ratio.
+    partial = tmp_path / "partial"
+    shutil.copytree(results, partial)
+    shutil.rmtree(partial / "s0-residual")
+    half = write_summary(preset, partial, tmp_path / "half.md")[0].read_text()
+    assert "The 1 unit(s) still to run are planned at" in half
     empty = write_summary(preset, tmp_path / "none", tmp_path / "empty.md")[0].read_text()
     assert "Units done: 0 of 3" in empty and "Not decided" in empty
