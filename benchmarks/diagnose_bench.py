@@ -1,6 +1,6 @@
 """Time and peak memory of the pieces of ``merit diagnose``: setup, one LMC path, one HVP (curvature).
 
-    .venv/bin/python benchmarks/diagnose_bench.py [--run RUN] [--alphas 21] [--max-per-source N]
+    .venv/bin/python benchmarks/diagnose_bench.py [--run RUN] [--alphas 21] [--no-lmc] [--max-per-source N]
                                                   [--hidden H --layers L]
 
 Without ``--run`` it first builds a small run (4 built-in tasks, r = 1, no random baseline) in a
@@ -10,7 +10,10 @@ that width (to see memory scale with the model). Then, in this process:
 - setup: load the model from the merge and read the held-out and training examples (:class:`Evaluator`);
 - one LMC path: branch 0 → branch 1 at ``--alphas`` points (each point = set the weights in place
   tensor by tensor from the two lazily opened checkpoints, then the results.json loss);
-- one HVP: (θ_0 − θ̄)ᵀ H (θ_0 − θ̄) at θ̄ by double backward over the calibration examples.
+- one HVP: (θ_0 − θ̄)ᵀ H (θ_0 − θ̄) at θ̄ by double backward over the calibration examples;
+- the same number by a second difference (``--curvature second-difference``): the calibration loss at
+  θ̄ ± 0.1·(θ_0 − θ̄), two forward passes (θ̄'s own loss is one the diagnosis has anyway), and how far
+  it is from the HVP's.
 
 Peak memory is the process's resident high-water mark (``VmHWM``), reset before each piece through
 ``/proc/self/clear_refs`` where Linux allows it, so each row's peak is that piece's own; it counts the
@@ -105,6 +108,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="a finished run folder (default: build the tiny one)")
     p.add_argument("--alphas", type=int, default=21)
+    p.add_argument("--no-lmc", action="store_true", help="skip the LMC path (the curvature pieces only)")
     p.add_argument("--max-per-source", type=int)
     p.add_argument("--hidden", type=int, help="build θ(0) as a random Llama of this width (default: the tiny preset)")
     p.add_argument("--layers", type=int, default=4, help="with --hidden: its layers (default 4)")
@@ -131,15 +135,16 @@ def main() -> None:
 
         a, b = (LazyCheckpoint(x) for x in folder.main.branches[:2])
         alphas = L.alpha_grid(args.alphas)
-        reset_peak()
-        start, before = time.perf_counter(), rss_mb("VmRSS")
         losses = []
-        with AnonPeak() as anon:
-            for alpha in alphas:
-                ev.set_weights(lambda n: L.interpolate(a[n], b[n], alpha))
-                losses.append(ev.loss())
-        rows.append((f"one LMC path ({len(alphas)} points)", time.perf_counter() - start, before, rss_mb("VmHWM"),
-                     anon))
+        if not args.no_lmc:
+            reset_peak()
+            start, before = time.perf_counter(), rss_mb("VmRSS")
+            with AnonPeak() as anon:
+                for alpha in alphas:
+                    ev.set_weights(lambda n: L.interpolate(a[n], b[n], alpha))
+                    losses.append(ev.loss())
+            rows.append((f"one LMC path ({len(alphas)} points)", time.perf_counter() - start, before,
+                         rss_mb("VmHWM"), anon))
 
         merged = LazyCheckpoint(folder.main.merged)
         ev.load(merged)
@@ -149,12 +154,28 @@ def main() -> None:
         with AnonPeak() as anon:
             curvature = ev.curvature(d)
         rows.append(("one HVP (curvature)", time.perf_counter() - start, before, rss_mb("VmHWM"), anon))
+        del d
+
+        eps = 0.1
+        ev.load(merged)
+        at = ev.loss(ev.calibration)
+        reset_peak()
+        start, before = time.perf_counter(), rss_mb("VmRSS")
+        ends = []
+        with AnonPeak() as anon:
+            for alpha in (eps, -eps):
+                ev.set_weights(lambda n: L.interpolate(merged[n], a[n], alpha))
+                ends.append(ev.loss(ev.calibration))
+            second = L.second_difference_curvature(ends[0], at, ends[1], eps)
+        rows.append((f"one second difference (2 losses, ε = {eps})", time.perf_counter() - start, before,
+                     rss_mb("VmHWM"), anon))
 
     print(f"machine: {machine()}")
     built = f"built, hidden {args.hidden} × {args.layers} layers" if args.hidden else "built, tiny preset"
+    lmc = f"barrier {L.barrier(alphas, losses).height:.4g}; " if losses else ""
     print(f"run: {built if args.run is None else args.run}; model {params:.1f} MiB of weights; "
-          f"{examples} held-out examples, {len(ev.calibration)} sources; barrier "
-          f"{L.barrier(alphas, losses).height:.4g}, curvature {curvature:.4g}; peak reset: {resettable}")
+          f"{examples} held-out examples, {len(ev.calibration)} sources; {lmc}curvature: HVP {curvature:.6g}, "
+          f"second difference {second:.6g} ({(second - curvature) / curvature:+.2%}); peak reset: {resettable}")
     if torch.cuda.is_available():
         print(f"cuda max allocated: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     print()

@@ -59,6 +59,7 @@ class Preset:
     residual: bool = True
     seed0_extras: dict = field(default_factory=dict)  # --set values of s0 only (budgets, soups, K = 2)
     sweep_sets: dict = field(default_factory=dict)  # --set values of the learning-rate sweep only
+    seed_sets: dict = field(default_factory=dict)  # --set values of every seed's main (diagnosed) unit
     # The budget model's constants on the machine the study runs on (seconds): one optimizer step of
     # the config's batch, one scored evaluation item, one loss evaluation of the diagnose sample.
     step_seconds: float = 3.0
@@ -123,6 +124,10 @@ FULL = Preset(
     r_other=[1],
     seed0_extras={"baselines.joint_epochs": [0.5, 1, 2], "baselines.soups": [2], "baselines.random_k": [2, 4]},
     sweep_sets={"eval.transfer": None},  # the sweep selects on in-mixture held-out loss
+    # The sweep and the probe took the predicted gain's curvatures by HVPs (8 × 310 s, ≈ 0.7 h a unit);
+    # the seeds' units take them by second differences (16 losses × 27 s), which agree with the HVPs
+    # within 1.3% on this study's folders at a sixth of the time (benchmarks/diagnose_results.md).
+    seed_sets={"diagnose.curvature": "second-difference"},
     # Measured on the 2-core development machine: a bf16 branch step of this mixture (batch 8) 5.2 s
     # (the first unit's branches: 60 steps in 311 s, saves included); scoring 0.18 s per item in bf16
     # (benchmarks/eval_results.md); the held-out lines of the two task sets.
@@ -160,6 +165,7 @@ def tiny_preset(data: Path, transfer: Path, model: Path | None = None) -> Preset
         r_main=1,
         residual=True,
         seed0_extras={"baselines.joint_epochs": [0.5, 1]},
+        seed_sets={"diagnose.curvature": "second-difference"},
         probe_lrs=[1.0e-3],
         probe={"fraction": 0.5, "alphas": 3, "draws": 1},
     )
@@ -212,7 +218,7 @@ def main_units(p: Preset, lr: float) -> list[Unit]:
         extras = p.seed0_extras if seed == 0 else {"baselines.random_k": [2**p.r_main]}
         units.append(Unit(f"s{seed}", f"s{seed}-lr{_lr_tag(lr)}",
                           {"seed": seed, "train.learning_rate": lr, "split.r": p.r_main, **extras,
-                           "diagnose.enabled": True}))
+                           "diagnose.enabled": True, **p.seed_sets}))
     for seed in p.seeds:
         for r in p.r_other:
             units.append(Unit(f"s{seed}-r{r}", f"s{seed}-lr{_lr_tag(lr)}-r{r}",
@@ -265,11 +271,17 @@ def estimate(p: Preset, unit: Unit, earlier: list[Unit]) -> dict:
     eval_h = new_items * p.item_seconds / 3600
     k = 2 ** unit.sets.get("split.r", p.r_main)
     evaluations = (k * (k - 1) // 2 + k) * d.get("alphas", 21) + 3 * 3 * d.get("draws", 3) * 2
-    hvps = k * (2 if unit.sets.get("baselines.random", True) else 1)  # MERIT's branches, and random's
-    diag_h = ((evaluations * p.diagnose_eval_seconds + hvps * p.hvp_seconds) / 3600
+    directions = k * (2 if unit.sets.get("baselines.random", True) else 1)  # MERIT's branches, and random's
+    diag_h = ((evaluations * p.diagnose_eval_seconds + directions * _curvature_seconds(p, unit)) / 3600
               if unit.sets.get("diagnose.enabled") else 0.0)
     return {"epochs": epochs, "checkpoints": ckpts, "items": new_items, "train_h": train_h, "eval_h": eval_h,
             "diagnose_h": diag_h, "hours": train_h + eval_h + diag_h}
+
+
+def _curvature_seconds(p: Preset, unit: Unit) -> float:
+    """One branch's curvature term of the predicted gain: an HVP, or two loss evaluations (second difference)."""
+    method = unit.sets.get("diagnose.curvature", p.config.get("diagnose", {}).get("curvature", "hvp"))
+    return 2 * p.diagnose_eval_seconds if method == "second-difference" else p.hvp_seconds
 
 
 def _probe_estimate(p: Preset, unit: Unit, steps: float, d: dict) -> dict:
@@ -284,7 +296,7 @@ def _probe_estimate(p: Preset, unit: Unit, steps: float, d: dict) -> dict:
     evaluations = 3 * d.get("alphas", 11) + 3 * 3 * d.get("draws", 2) * 2
     train_h = epochs * steps * p.step_seconds / 3600
     eval_h = items * p.item_seconds / 3600
-    diag_h = (evaluations * p.diagnose_eval_seconds + 2 * p.hvp_seconds) / 3600
+    diag_h = (evaluations * p.diagnose_eval_seconds + 2 * _curvature_seconds(p, unit)) / 3600
     return {"epochs": epochs, "checkpoints": 3, "items": items, "train_h": train_h, "eval_h": eval_h,
             "diagnose_h": diag_h, "hours": train_h + eval_h + diag_h}
 

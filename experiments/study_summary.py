@@ -281,7 +281,8 @@ def diagnostics(p: Preset, results: Path) -> list[str]:
         geometry = ([f"{tv['mean_pair_cos']:.2f}", f"{tv['mean_retention']:.2f} ({1 / tv['branches']:.2f})",
                      f"{tv['cos_merged_joint']:.2f}" if "cos_merged_joint" in tv else "—"] if tv else ["—"] * 3)
         rows.append([name, d["main"], f"{d['lmc']['max_barrier']:.4g}", "—" if ratio is None else f"{ratio:.2f}",
-                     f"{main.get('measured', float('nan')):.4g}", f"{main.get('predicted', float('nan')):.4g}",
+                     f"{main.get('measured', float('nan')):.4g}",
+                     f"{main.get('predicted', float('nan')):.4g} ({main.get('curvature', 'hvp')})",
                      "—" if main.get("ratio") is None else f"{main['ratio']:.2f}",
                      f"{auc.get('merged', float('nan')):.4g} / {auc.get('joint', float('nan')):.4g}",
                      ", ".join(f"{n}: {g['measured']:.3g}" for n, g in d["merge_gain"].items() if n != d["main"]) or "—",
@@ -289,7 +290,7 @@ def diagnostics(p: Preset, results: Path) -> list[str]:
     if not rows:
         return lines + ["No diagnosed unit yet.", ""]
     lines += _table(["unit", "merge", "max LMC barrier", "joint / merged displacement", "measured gain",
-                     "predicted gain", "measured / predicted", "flatness AUC merged / joint",
+                     "predicted gain (curvature by)", "measured / predicted", "flatness AUC merged / joint",
                      "random split's measured gain", "branch updates' mean cos", "merge keeps (if orthogonal)",
                      "cos(merge, joint) update"], rows)
     return lines + ["", "Barrier, gains: in held-out loss (nats per token), on the diagnose sample (8 held-out examples "

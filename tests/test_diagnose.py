@@ -55,6 +55,22 @@ def test_predicted_gain_equals_measured_gain_on_a_quadratic():
     assert L.gain_ratio(measured, predicted) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_second_difference_curvature_is_exact_on_a_quadratic():
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((6, 6))
+    a, b = m @ m.T + np.eye(6), rng.standard_normal(6)
+    theta, v = rng.standard_normal(6), rng.standard_normal(6)
+
+    def loss(x):
+        return 0.5 * x @ a @ x + b @ x + 3.0
+
+    for eps in (0.01, 0.1, 1.0):  # a quadratic has no fourth-order term: exact whatever ε
+        got = L.second_difference_curvature(loss(theta + eps * v), loss(theta), loss(theta - eps * v), eps)
+        assert got == pytest.approx(float(v @ a @ v), rel=1e-6)
+    with pytest.raises(ValueError):
+        L.second_difference_curvature(1.0, 1.0, 1.0, 0.0)
+
+
 def test_hvp_of_a_parameter_outside_the_loss_is_zero():
     a = torch.ones(3, requires_grad=True)
     unused = torch.ones(2, requires_grad=True)
@@ -302,6 +318,26 @@ def test_model_curvature_matches_the_second_difference_of_the_loss(tiny_run):
     assert curvature == pytest.approx((plus - 2 * center + minus) / eps ** 2, rel=0.03)
 
 
+def test_second_difference_gain_agrees_with_the_hvp_gain(tiny_run, diagnosed, tmp_path):
+    """--curvature second-difference: the same measured gain (same losses), a prediction from two losses
+    per branch that agrees with the double-backward one."""
+    from merit.diagnose.cli import Settings, settings_key
+
+    copy = _copy(tiny_run, tmp_path)
+    assert main(["diagnose", str(copy), "--alphas", "5", "--draws", "1", "--curvature", "second-difference"]) == 0
+    report = json.loads((copy / "diagnose/diagnose.json").read_text())
+    for name, hvp in diagnosed["merge_gain"].items():
+        sd = report["merge_gain"][name]
+        assert hvp["curvature"] == "hvp" and sd["curvature"] == "second-difference" and sd["curvature_epsilon"] == 0.1
+        assert sd["measured"] == pytest.approx(hvp["measured"], abs=1e-9)
+        assert sd["curvatures"] == pytest.approx(hvp["curvatures"], rel=0.05)
+        assert sd["predicted"] == pytest.approx(hvp["predicted"], rel=0.05)
+    # Stored diagnoses keep their stage keys: an added setting enters the key only when changed.
+    default = Settings([0.0, 1.0], None, None, [0.1], 1, None)
+    assert "curvature" not in settings_key(default)
+    assert settings_key(Settings([0.0, 1.0], None, None, [0.1], 1, None, curvature="second-difference"))["curvature"]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -323,6 +359,26 @@ def _copy(tiny_run: Path, tmp_path: Path) -> Path:
 def test_alpha_grid_of_two_points_is_refused(tiny_run, tmp_path, capsys):
     msg = _refused(capsys, _copy(tiny_run, tmp_path), "--alphas", "2")
     assert "--alphas 2" in msg and "at least 3" in msg
+
+
+@pytest.mark.parametrize("eps", ["0", "1.5", "-0.1"])
+def test_curvature_epsilon_outside_zero_one_is_refused(tiny_run, tmp_path, capsys, eps):
+    msg = _refused(capsys, _copy(tiny_run, tmp_path), "--curvature", "second-difference", "--curvature-epsilon", eps)
+    assert "--curvature-epsilon" in msg
+
+
+def test_second_difference_on_a_bfloat16_run_is_refused(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["dtype"] = "bfloat16"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    msg = _refused(capsys, run, "--curvature", "second-difference")
+    assert "model.dtype=bfloat16" in msg and "--curvature hvp" in msg
+    # In the pipeline the same pairing is refused before any work.
+    out = tmp_path / "pipeline"
+    assert main(["run", str(run / "config.yaml"), "--out", str(out), "--set", "diagnose.enabled=true",
+                 "--set", "diagnose.curvature=second-difference"]) == 2
+    assert "diagnose.curvature=second-difference" in capsys.readouterr().err and not out.exists()
 
 
 def test_run_without_branches_is_refused(tiny_run, tmp_path, capsys):

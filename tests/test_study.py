@@ -71,6 +71,10 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     ready = sum(verdict(json.loads((results / u / "diagnose" / "diagnose.json").read_text()))[0]
                 for u in ("lr-0.001", "lr-0.003", "s0"))
     assert f"gain ≥ 0): {ready} of 3 diagnosed units" in diag
+    # The seed's unit takes the curvatures by second differences, the sweep's by HVPs; the page says which.
+    assert json.loads((s0 / "diagnose" / "diagnose.json").read_text())["merge_gain"]["merit-r1"]["curvature"] \
+        == "second-difference"
+    assert "(second-difference) |" in diag and "(hvp) |" in diag
     s0_tv = json.loads((s0 / "diagnose" / "diagnose.json").read_text())["displacement"]["task_vectors"]
     assert f"| {s0_tv['mean_pair_cos']:.2f} | {s0_tv['mean_retention']:.2f} (0.50) |" in diag
     # The verdicts come from the files: joint's row equals its own results.json score.

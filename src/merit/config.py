@@ -518,6 +518,12 @@ class DiagnoseConfig(_Section):
     draws: int = Field(3, ge=1)
     antithetic: bool = True
     """Each draw evaluated at +noise and −noise (the first-order term cancels); false halves the cost."""
+    curvature: Literal["hvp", "second-difference"] = "hvp"
+    """How the predicted merge gain's (θ_k − θ̄)ᵀH(θ_k − θ̄) is computed: ``hvp`` (double-backward
+    Hessian-vector products, as the paper) or ``second-difference`` (losses at θ̄ ± ε(θ_k − θ̄): two
+    forward passes per branch, no graph; needs ``model.dtype: float32``). docs/diagnostics.md compares them."""
+    curvature_epsilon: float = Field(0.1, gt=0, le=1)
+    """ε of ``second-difference``, a fraction of θ_k − θ̄."""
 
     @field_validator("sigmas")
     @classmethod

@@ -91,6 +91,9 @@ def check(cfg: RunConfig) -> None:
         if cfg.train.lora is not None:
             raise ConfigError("diagnose.enabled: LoRA branches are adapters, and diagnose needs dense "
                               "checkpoints; set diagnose.enabled: false (or train.lora: null)")
+        if cfg.diagnose.curvature == "second-difference" and cfg.model.dtype != "float32":
+            raise ConfigError(f"diagnose.curvature=second-difference with model.dtype={cfg.model.dtype}: second "
+                              "differences of a low-precision loss are its rounding; use diagnose.curvature: hvp")
 
 
 def merge_params(cfg: RunConfig, op: str) -> tuple[dict, dict]:
@@ -786,20 +789,18 @@ def eval_settings(cfg: RunConfig, batch_size: int = 64):
 
 def stage_diagnose(cfg: RunConfig, out: Path, checkpoints: dict[str, tuple[Path, str]]) -> None:
     """merit diagnose on this run folder (diagnose/), redone only when a checkpoint or a setting changed."""
-    from dataclasses import asdict
-
-    from merit.diagnose.cli import Settings, diagnose, summary, write_outputs
+    from merit.diagnose.cli import Settings, diagnose, settings_key, summary, write_outputs
     from merit.diagnose.inputs import inspect_run
     from merit.diagnose.landscape import alpha_grid
 
     d = cfg.diagnose
     settings = Settings(alpha_grid(d.alphas), d.max_per_source, d.calibration_size, list(d.sigmas), d.draws,
-                        None, d.antithetic)
+                        None, d.antithetic, None, d.curvature, d.curvature_epsilon)
     # What diagnose reads: θ(0), joint, the main split's token-weighted merge and the random splits (not
     # the other joint budgets, soups or operators: adding one of those does not redo the diagnosis).
     read = {"base", "joint", main_row(cfg)}
     key = artifacts.fingerprint("diagnose/1", {row: k for row, (_, k) in checkpoints.items()
-                                               if row in read or row.startswith("random-k")}, asdict(settings))
+                                               if row in read or row.startswith("random-k")}, settings_key(settings))
     target = out / "diagnose"
     if (target / "diagnose.json").exists() and artifacts.read_json(target / "diagnose.json").get("key") == key:
         log("diagnose: up to date")

@@ -61,6 +61,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="one evaluation per draw at +noise only (half the cost). By default each draw is "
                         "evaluated at +noise and −noise and averaged: the same expected ΔL, without the "
                         "first-order (gradient) term's variance, which dominates away from a minimum")
+    p.add_argument("--curvature", choices=CURVATURES, default="hvp",
+                   help="how the predicted gain's (θ_k − θ̄)ᵀH(θ_k − θ̄) is computed: hvp (default: double-backward "
+                        "Hessian-vector products) or second-difference (losses at θ̄ ± ε(θ_k − θ̄); float32 models only)")
+    p.add_argument("--curvature-epsilon", type=float, default=0.1, metavar="EPS",
+                   help="ε of --curvature second-difference, as a fraction of θ_k − θ̄ (default 0.1)")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the noise draws (default: the run's seed)")
     p.add_argument("--device", help="where the model runs (default: where the eval stage ran it, the CPU; "
                    "another device can differ from results.json in the last digits)")
@@ -78,6 +83,24 @@ class Settings:
     seed: int | None
     antithetic: bool = True
     device: str | None = None
+    # How vᵀHv along each θ_k − θ̄ is computed: "hvp" (double backward, the issue's and the paper's
+    # Hessian-vector products) or "second-difference" (two losses at θ̄ ± ε(θ_k − θ̄): ~6× cheaper on
+    # SmolLM2 and no double-backward graph, which at 7B is what decides whether the check fits at all).
+    curvature: str = "hvp"
+    curvature_epsilon: float = 0.1
+
+
+CURVATURES = ("hvp", "second-difference")
+# Settings added after diagnoses were stored: in a stage key only when not at their default, so a
+# finished diagnosis keeps its key.
+ADDED_SETTINGS = {"curvature": "hvp", "curvature_epsilon": 0.1}
+
+
+def settings_key(settings: Settings) -> dict:
+    """The settings as the diagnose stage's key reads them (added ones only when changed)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(settings).items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
 
 
 def parse_settings(args: argparse.Namespace) -> Settings:
@@ -94,8 +117,12 @@ def parse_settings(args: argparse.Namespace) -> Settings:
         raise MeritError(f"--sigmas: cannot read {args.sigmas!r}; write e.g. 0.01,0.05,0.1") from None
     if not sigmas or not all(0 < s < 10 for s in sigmas):
         raise MeritError(f"--sigmas {args.sigmas}: give one or more positive scales (relative to RMS), e.g. 0.01,0.05,0.1")
+    curvature = getattr(args, "curvature", "hvp")
+    epsilon = float(getattr(args, "curvature_epsilon", 0.1))
+    if not 0 < epsilon <= 1:
+        raise MeritError(f"--curvature-epsilon {epsilon}: give a fraction of θ_k − θ̄ in (0, 1], e.g. 0.1")
     return Settings(alphas, args.max_per_source, args.calibration_size, sorted(sigmas), args.draws, args.seed,
-                    bool(getattr(args, "antithetic", True)), getattr(args, "device", None))
+                    bool(getattr(args, "antithetic", True)), getattr(args, "device", None), curvature, epsilon)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = parse_settings(args)  # before reading anything: a bad flag is refused at once
     folder = inspect_run(Path(args.run))
+    if settings.curvature == "second-difference" and folder.cfg.model.dtype != "float32":
+        raise MeritError(f"--curvature second-difference: {folder.root} evaluates in model.dtype="
+                         f"{folder.cfg.model.dtype}, whose loss rounding swamps a second difference; use --curvature hvp")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,7 +233,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     theta0_loss = ev.loss()
 
     # Merge gain, measured and predicted; then the random-split baseline's.
-    gains = {main.name: _gain(ev, main, branches, merged, branch_losses, merged_loss)}
+    gains = {main.name: _gain(ev, main, branches, merged, branch_losses, merged_loss, settings)}
     if folder.random is not None:
         rb = [LazyCheckpoint(b) for b in folder.random.branches]
         rm = LazyCheckpoint(folder.random.merged)
@@ -212,7 +242,7 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
             ev.load(b)
             r_losses.append(ev.loss())
         ev.load(rm)
-        gains[folder.random.name] = _gain(ev, folder.random, rb, rm, r_losses, ev.loss())
+        gains[folder.random.name] = _gain(ev, folder.random, rb, rm, r_losses, ev.loss(), settings)
 
     # Gaussian perturbation: the same noise directions (one per draw) for every model and σ.
     seed = folder.cfg.seed if settings.seed is None else settings.seed
@@ -321,8 +351,10 @@ def _perturbed(tensor, sigma: float, gen, L):
 
 
 def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
-          branch_losses: list[float], merged_loss: float) -> dict:
-    """Measured Σ_k w_k L(θ_k) − L(θ̄) beside ½ Σ_k w_k (θ_k − θ̄)ᵀ H (θ_k − θ̄), H at θ̄ (one HVP per branch)."""
+          branch_losses: list[float], merged_loss: float, settings: Settings) -> dict:
+    """Measured Σ_k w_k L(θ_k) − L(θ̄) beside ½ Σ_k w_k (θ_k − θ̄)ᵀ H (θ_k − θ̄), H at θ̄ on the calibration
+    examples: one HVP per branch, or (``settings.curvature == "second-difference"``) two losses per branch
+    on the line through θ̄ and θ_k."""
     import torch
 
     from merit.diagnose import landscape as L
@@ -330,19 +362,34 @@ def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: L
     ev.load(merged)
     curvatures = []
     started = time.time()
-    device = ev.state[ev.floating[0]].device
-    for b in branches:
-        # θ_k − θ̄ (= δ_k − δ̄), built tensor by tensor, one branch at a time: one parameter-sized vector.
-        d = {n: b[n].to(device, torch.float32) - merged[n].to(device, torch.float32) for n in ev.floating}
-        curvatures.append(ev.curvature(d))
-        del d
+    if settings.curvature == "second-difference":
+        eps = settings.curvature_epsilon
+        at = ev.loss(ev.calibration)
+        for b in branches:
+            # θ̄ ± ε(θ_k − θ̄) = the line through the merge and the branch at α = ±ε (merged → branch)
+            ends = []
+            for alpha in (eps, -eps):
+                ev.set_weights(lambda n: L.interpolate(merged[n], b[n], alpha))
+                ends.append(ev.loss(ev.calibration))
+            curvatures.append(L.second_difference_curvature(ends[0], at, ends[1], eps))
+        ev.load(merged)
+        how = f"{2 * len(branches) + 1} loss evaluations (second differences, ε = {eps:g})"
+    else:
+        device = ev.state[ev.floating[0]].device
+        for b in branches:
+            # θ_k − θ̄ (= δ_k − δ̄), built tensor by tensor, one branch at a time: one parameter-sized vector.
+            d = {n: b[n].to(device, torch.float32) - merged[n].to(device, torch.float32) for n in ev.floating}
+            curvatures.append(ev.curvature(d))
+            del d
+        how = f"{len(branches)} HVPs"
     measured = L.measured_gain(merge.weights, branch_losses, merged_loss)
     predicted = L.predicted_gain(merge.weights, curvatures)
-    log(f"gain {merge.name}: measured {measured:.4g}, predicted {predicted:.4g} "
-        f"({len(branches)} HVPs in {time.time() - started:.1f} s)")
+    log(f"gain {merge.name}: measured {measured:.4g}, predicted {predicted:.4g} ({how} in {time.time() - started:.1f} s)")
     return {"measured": measured, "predicted": predicted, "ratio": L.gain_ratio(measured, predicted),
             "weights": merge.weights, "branch_losses": branch_losses, "merged_loss": merged_loss,
-            "curvatures": curvatures, "branches": [str(b.name) for b in merge.branches]}
+            "curvatures": curvatures, "curvature": settings.curvature,
+            **({"curvature_epsilon": settings.curvature_epsilon} if settings.curvature == "second-difference" else {}),
+            "branches": [str(b.name) for b in merge.branches]}
 
 
 # -------------------------------------------------------------------------------------------- outputs
