@@ -1,7 +1,7 @@
 """``merit diagnose RUN``: merge-readiness and merge-gain instruments on a finished run folder.
 
     merit diagnose RUN [--alphas 21] [--max-per-source N] [--calibration-size N]
-                       [--sigmas 0.01,0.05,0.1] [--draws 3] [--seed S]
+                       [--sigmas 0.01,0.05,0.1] [--draws 3] [--seed S] [--curvature hvp|second-difference]
 
 Reads θ(0), the main split's branches and token-weighted merge (and joint, and the random-split baseline
 when present) and writes ``RUN/diagnose/`` (``diagnose.json``, ``lmc.png``, ``perturbation.png``) in one
