@@ -286,18 +286,23 @@ def diagnostics(p: Preset, results: Path) -> list[str]:
                      "—" if main.get("ratio") is None else f"{main['ratio']:.2f}",
                      f"{auc.get('merged', float('nan')):.4g} / {auc.get('joint', float('nan')):.4g}",
                      ", ".join(f"{n}: {g['measured']:.3g}" for n, g in d["merge_gain"].items() if n != d["main"]) or "—",
-                     *geometry])
+                     *geometry, _random_keeps(d)])
     if not rows:
         return lines + ["No diagnosed unit yet.", ""]
     lines += _table(["unit", "merge", "max LMC barrier", "joint / merged displacement", "measured gain",
                      "predicted gain (curvature by)", "measured / predicted", "flatness AUC merged / joint",
                      "random split's measured gain", "branch updates' mean cos", "merge keeps (if orthogonal)",
-                     "cos(merge, joint) update"], rows)
+                     "cos(merge, joint) update", "random split: mean cos, merge keeps"], rows)
     return lines + ["", "Barrier, gains: in held-out loss (nats per token), on the diagnose sample (8 held-out examples "
                     "per source, so L(θ̄) differs slightly from results.json's). Task vectors τ = θ − θ(0): the mean "
                     "pairwise cosine of the branches' updates, the share (τ̄·τ_k)/‖τ_k‖² of each branch's own update "
                     "the merge keeps (w_k ≈ 1/K if the updates were orthogonal, 1 if equal), and the cosine of the "
                     "merge's update with joint's. docs/diagnostics.md defines each.", ""] + reading(results, reports)
+
+
+def _random_keeps(d: dict) -> str:
+    rv = d["displacement"].get("task_vectors_random")
+    return f"{rv['mean_pair_cos']:.2f}, {rv['mean_retention']:.2f}" if rv else "—"
 
 
 def reading(results: Path, reports: dict[str, dict]) -> list[str]:
@@ -328,6 +333,12 @@ def reading(results: Path, reports: dict[str, dict]) -> list[str]:
                      f"{min(t['mean_pair_cos'] for t in keeps):.2f}–{max(t['mean_pair_cos'] for t in keeps):.2f})"
                      + ("; so even in one basin the merge averages the branches' task-specific updates down rather "
                         "than adding them." if max(t["mean_retention"] for t in keeps) < 0.5 else "."))
+    randoms = [d["displacement"]["task_vectors_random"] for d in reports.values()
+               if d["displacement"].get("task_vectors_random")]
+    if randoms:
+        lines.append(f"- The random split's merge keeps {min(t['mean_retention'] for t in randoms):.2f}–"
+                     f"{max(t['mean_retention'] for t in randoms):.2f} (branch updates' mean cosine "
+                     f"{min(t['mean_pair_cos'] for t in randoms):.2f}–{max(t['mean_pair_cos'] for t in randoms):.2f}).")
     return lines + [""]
 
 

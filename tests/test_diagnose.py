@@ -262,6 +262,13 @@ def test_diagnose_json_has_every_number(tiny_run, diagnosed):
         sum(w * r * n ** 2 for w, r, n in zip(tv["weights"], tv["retention"], tv["branch_norms"])), rel=1e-9)
     assert tv["merged_vs_weighted_sum"] < 1e-6 and -1.0 <= tv["cos_merged_joint"] <= 1.0
     assert tv["merged_over_joint_norm"] == pytest.approx(1 / disp["joint_over_merged"], rel=1e-9)
+    # The random split's merge, by its own pass: its weights, the same identity, the same joint.
+    rv = disp["task_vectors_random"]
+    random_weights = d["merge_gain"]["random-k2"]["weights"]
+    assert rv["merge"] == "random-k2" and rv["weights"] == pytest.approx(random_weights)
+    assert rv["merged_norm"] ** 2 == pytest.approx(
+        sum(w * r * n ** 2 for w, r, n in zip(rv["weights"], rv["retention"], rv["branch_norms"])), rel=1e-9)
+    assert rv["merged_over_joint_norm"] * disp["joint"] == pytest.approx(rv["merged_norm"], rel=1e-9)
 
     assert set(d["loss_gap"]) == {"merged", "joint"}
     for row in d["loss_gap"].values():

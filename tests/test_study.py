@@ -77,6 +77,9 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     assert "(second-difference) |" in diag and "(hvp) |" in diag
     s0_tv = json.loads((s0 / "diagnose" / "diagnose.json").read_text())["displacement"]["task_vectors"]
     assert f"| {s0_tv['mean_pair_cos']:.2f} | {s0_tv['mean_retention']:.2f} (0.50) |" in diag
+    s0_rv = json.loads((s0 / "diagnose" / "diagnose.json").read_text())["displacement"]["task_vectors_random"]
+    assert f"| {s0_rv['mean_pair_cos']:.2f}, {s0_rv['mean_retention']:.2f} |" in diag
+    assert "The random split's merge keeps" in diag
     # The verdicts come from the files: joint's row equals its own results.json score.
     joint = json.loads((s0 / "results.json").read_text())["methods"]["joint"]
     assert f"| joint | 1 | {100 * joint['macro']:.1f} [" in text

@@ -243,6 +243,11 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
             r_losses.append(ev.loss())
         ev.load(rm)
         gains[folder.random.name] = _gain(ev, folder.random, rb, rm, r_losses, ev.loss(), settings)
+        # the same geometry for the random split: does splitting on conflicts make the branches' updates
+        # more orthogonal (a larger spread to average, and less of each update kept)?
+        displacement["task_vectors_random"] = {
+            "merge": folder.random.name,
+            **_task_vectors(ev, theta0, rb, rm, folder.random.weights, joint)}
 
     # Gaussian perturbation: the same noise directions (one per draw) for every model and σ.
     seed = folder.cfg.seed if settings.seed is None else settings.seed
@@ -350,6 +355,22 @@ def _perturbed(tensor, sigma: float, gen, L):
     return (tensor.float() + L.relative_gaussian_noise(tensor, sigma, gen)).to(tensor.dtype)
 
 
+def _task_vectors(ev: Evaluator, theta0: LazyCheckpoint, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
+                  weights: list[float], joint: LazyCheckpoint | None) -> dict:
+    """:func:`landscape.task_vector_geometry` of a merge, one tensor name at a time (for a merge other than
+    the main one, whose Gram matrix the displacement pass accumulates as it reads the same tensors)."""
+    import torch
+
+    from merit.diagnose import landscape as L
+
+    models = [*branches, merged, *([joint] if joint is not None else [])]
+    gram = L.TaskVectorGram(len(models))
+    for name in ev.floating:
+        base = theta0[name].to(torch.float64)
+        gram.add([m[name].to(torch.float64) - base for m in models])
+    return L.task_vector_geometry(gram.gram, weights, joint is not None)
+
+
 def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
           branch_losses: list[float], merged_loss: float, settings: Settings) -> dict:
     """Measured Σ_k w_k L(θ_k) − L(θ̄) beside ½ Σ_k w_k (θ_k − θ̄)ᵀ H (θ_k − θ̄), H at θ̄ on the calibration
@@ -450,12 +471,12 @@ def summary(report: dict) -> str:
     ratio = f", joint/merged {d['joint_over_merged']:.3f}" if d["joint_over_merged"] is not None else ""
     lines.append(f"  displacement: merged {d['merged']:.4g}{ratio}; parallel-axis relative error "
                  f"{d['parallel_axis']['relative_error']:.1e}")
-    tv = d.get("task_vectors")
-    if tv:
-        joint = f", cos(τ̄, τ_joint) {tv['cos_merged_joint']:.3f}" if "cos_merged_joint" in tv else ""
-        lines.append(f"  task vectors: mean pairwise cos {tv['mean_pair_cos']:.3f}, the merge keeps "
-                     f"{tv['mean_retention']:.3f} of each branch's update (1/K if orthogonal: "
-                     f"{1 / tv['branches']:.3f}){joint}")
+    for label, tv in ((report["main"], d.get("task_vectors")), ("random", d.get("task_vectors_random"))):
+        if tv:
+            joint = f", cos(τ̄, τ_joint) {tv['cos_merged_joint']:.3f}" if "cos_merged_joint" in tv else ""
+            lines.append(f"  task vectors {tv.get('merge', label)}: mean pairwise cos {tv['mean_pair_cos']:.3f}, the "
+                         f"merge keeps {tv['mean_retention']:.3f} of each branch's update (1/K if orthogonal: "
+                         f"{1 / tv['branches']:.3f}){joint}")
     for name, g in report["merge_gain"].items():
         ratio = f"{g['ratio']:.3f}" if g["ratio"] is not None else "n/a"
         lines.append(f"  merge gain {name}: measured {g['measured']:.4g}, predicted {g['predicted']:.4g}, ratio {ratio}")
