@@ -493,6 +493,54 @@ def test_diagnose_stage_in_the_pipeline_writes_checks_and_resumes(tiny_run, tmp_
     assert json.loads((copy / "diagnose/diagnose.json").read_text())["perturbation"]["draws"] == 2
 
 
+def test_a_stopped_diagnose_stage_resumes_from_what_it_computed(tiny_run, tmp_path, monkeypatch):
+    """Stopped after 7 losses, the stage's rerun computes only the rest and writes the numbers of an
+    uninterrupted diagnosis; the memo is gone once diagnose.json is written."""
+    from merit.diagnose.evaluator import Evaluator
+
+    flags = ["--set", "diagnose.enabled=true", "--set", "diagnose.alphas=3", "--set", "diagnose.draws=1"]
+    real, calls = Evaluator.loss, []
+
+    def counted(self, examples=None):
+        calls.append(1)
+        return real(self, examples)
+
+    def stopping(self, examples=None):
+        if len(calls) == 7:
+            raise RuntimeError("stopped")
+        return counted(self, examples)
+
+    monkeypatch.setattr(Evaluator, "loss", counted)
+    whole = _copy(tiny_run, tmp_path / "whole")
+    assert main(["run", str(whole / "config.yaml"), "--out", str(whole), *flags]) == 0
+    expected, total = json.loads((whole / "diagnose/diagnose.json").read_text()), len(calls)
+
+    stopped = _copy(tiny_run, tmp_path / "stopped")
+    calls.clear()
+    monkeypatch.setattr(Evaluator, "loss", stopping)
+    assert main(["run", str(stopped / "config.yaml"), "--out", str(stopped), *flags]) == 1
+    memo = stopped / ".diagnose-memo.json"
+    assert len(json.loads(memo.read_text())["values"]) == 7 and not (stopped / "diagnose").exists()
+
+    calls.clear()
+    monkeypatch.setattr(Evaluator, "loss", counted)
+    assert main(["run", str(stopped / "config.yaml"), "--out", str(stopped), *flags]) == 0
+    assert len(calls) == total - 7 and not memo.exists()
+    got = json.loads((stopped / "diagnose/diagnose.json").read_text())
+    assert [x for p in got["lmc"]["paths"] for x in p["losses"]] == pytest.approx(
+        [x for p in expected["lmc"]["paths"] for x in p["losses"]], rel=1e-12)
+    for name, g in expected["merge_gain"].items():
+        assert got["merge_gain"][name]["measured"] == pytest.approx(g["measured"], rel=1e-12)
+        assert got["merge_gain"][name]["curvatures"] == pytest.approx(g["curvatures"], rel=1e-9)
+    for label, row in expected["perturbation"]["models"].items():
+        assert got["perturbation"]["models"][label]["mean"] == pytest.approx(row["mean"], rel=1e-9, abs=1e-12)
+    # A memo of other settings (another key) is never read.
+    (stopped / ".diagnose-memo.json").write_text(json.dumps({"key": "other", "values": {"heldout/merged": 0.0}}))
+    assert main(["run", str(stopped / "config.yaml"), "--out", str(stopped), *flags[:4], "--set", "diagnose.draws=2"]) == 0
+    assert json.loads((stopped / "diagnose/diagnose.json").read_text())["losses"]["merged"] == pytest.approx(
+        expected["losses"]["merged"], rel=1e-12)
+
+
 @pytest.mark.parametrize("setting, key", [("diagnose.alphas=2", "diagnose.alphas"),
                                           ("diagnose.sigmas=[0.0]", "diagnose.sigmas"),
                                           ("merge.operators=[uniform]", "diagnose.enabled")])

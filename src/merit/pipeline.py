@@ -790,7 +790,7 @@ def eval_settings(cfg: RunConfig, batch_size: int = 64):
 def stage_diagnose(cfg: RunConfig, out: Path, checkpoints: dict[str, tuple[Path, str]]) -> None:
     """merit diagnose on this run folder (diagnose/), redone only when a checkpoint or a setting changed."""
     from merit.diagnose.cli import Settings, diagnose, settings_key, summary, write_outputs
-    from merit.diagnose.inputs import inspect_run
+    from merit.diagnose.inputs import Memo, inspect_run
     from merit.diagnose.landscape import alpha_grid
 
     d = cfg.diagnose
@@ -805,9 +805,12 @@ def stage_diagnose(cfg: RunConfig, out: Path, checkpoints: dict[str, tuple[Path,
     if (target / "diagnose.json").exists() and artifacts.read_json(target / "diagnose.json").get("key") == key:
         log("diagnose: up to date")
         return
-    report, curves, perturbation = diagnose(inspect_run(out), settings)
+    # Each number is kept as it is computed, so a stopped diagnosis (hours at the paper's scale) resumes.
+    memo = Memo(out / ".diagnose-memo.json", key)
+    report, curves, perturbation = diagnose(inspect_run(out), settings, memo)
     report["key"] = key
     write_outputs(target, report, curves, perturbation)
+    memo.discard()
     for line in summary(report).splitlines():
         log(line.strip())
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from merit.argtypes import int_at_least, nonnegative_int, positive_int
 from merit.diagnose.evaluator import Evaluator
-from merit.diagnose.inputs import LazyCheckpoint, Merge, RunFolder, inspect_run, log
+from merit.diagnose.inputs import LazyCheckpoint, Memo, Merge, RunFolder, inspect_run, log
 from merit.errors import MeritError
 
 DEFAULT_SIGMAS = (0.01, 0.05, 0.1)
@@ -149,14 +149,28 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- diagnose
 
 
-def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], dict]:
-    """Compute every number; returns (diagnose.json content, LMC curves, perturbation table)."""
+def diagnose(folder: RunFolder, settings: Settings, memo: Memo | None = None) -> tuple[dict, list[dict], dict]:
+    """Compute every number; returns (diagnose.json content, LMC curves, perturbation table).
+
+    Every loss and curvature goes through ``memo`` under a label naming what it is, so a diagnosis that
+    was stopped resumes from the ones already computed (the pipeline stage passes a persistent one)."""
     import torch
 
     from merit.diagnose import landscape as L
 
     started = time.time()
+    memo = memo or Memo()
+    if memo.resumed:
+        log(f"resuming: {memo.resumed} losses and curvatures from the stopped try")
     ev = Evaluator(folder, settings.max_per_source, settings.calibration_size, settings.device)
+
+    def at(label: str, place, examples=None) -> float:
+        """The loss with the weights ``place()`` puts in the model, computed once per label."""
+        def compute() -> float:
+            place()
+            return ev.loss(examples)
+        return memo(label, compute)
+
     main = folder.main
     theta0 = LazyCheckpoint(folder.theta0)
     merged = LazyCheckpoint(main.merged)
@@ -165,13 +179,9 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     labels = [f"branch {k}" for k in main.indices]
 
     # Losses of the checkpoints themselves (held-out, and the fixed training sample for the gap).
-    ev.load(merged)
-    merged_loss = ev.loss()
+    merged_loss = at("heldout/merged", lambda: ev.load(merged))
     log(f"L(θ̄) = {merged_loss:.6f} on {sum(map(len, ev.heldout.values()))} held-out examples")
-    branch_losses = []
-    for b in branches:
-        ev.load(b)
-        branch_losses.append(ev.loss())
+    branch_losses = [at(f"heldout/{label}", lambda: ev.load(b)) for label, b in zip(labels, branches)]
 
     # Linear mode connectivity: every pair of branches, and each branch to the merge.
     paths = [(i, j) for i in range(len(branches)) for j in range(i + 1, len(branches))]
@@ -182,8 +192,8 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     for a_label, a, b_label, b, kind in ends:
         losses = []
         for alpha in settings.alphas:
-            ev.set_weights(lambda n: L.interpolate(a[n], b[n], alpha))
-            losses.append(ev.loss())
+            losses.append(at(f"lmc/{a_label}/{b_label}/{alpha!r}",
+                             lambda: ev.set_weights(lambda n: L.interpolate(a[n], b[n], alpha))))
         bar = L.barrier(settings.alphas, losses)
         curves.append({"from": a_label, "to": b_label, "kind": kind, "losses": losses, "barrier": bar.height,
                        "barrier_alpha": bar.alpha, "min_loss": bar.min_loss, "min_alpha": bar.min_alpha})
@@ -222,27 +232,22 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
     }
 
     # Train vs held-out loss, joint vs merged.
-    ev.load(merged)
-    gap = {"merged": _gap(ev.loss(ev.train), merged_loss)}
+    gap = {"merged": _gap(at("train/merged", lambda: ev.load(merged), ev.train), merged_loss)}
     joint_loss = None
     if joint is not None:
-        ev.load(joint)
-        joint_loss = ev.loss()
-        gap["joint"] = _gap(ev.loss(ev.train), joint_loss)
-    ev.load(theta0)
-    theta0_loss = ev.loss()
+        joint_loss = at("heldout/joint", lambda: ev.load(joint))
+        gap["joint"] = _gap(at("train/joint", lambda: ev.load(joint), ev.train), joint_loss)
+    theta0_loss = at("heldout/theta0", lambda: ev.load(theta0))
 
     # Merge gain, measured and predicted; then the random-split baseline's.
-    gains = {main.name: _gain(ev, main, branches, merged, branch_losses, merged_loss, settings)}
+    gains = {main.name: _gain(ev, main, branches, merged, branch_losses, merged_loss, settings, memo)}
     if folder.random is not None:
+        rname = folder.random.name
         rb = [LazyCheckpoint(b) for b in folder.random.branches]
         rm = LazyCheckpoint(folder.random.merged)
-        r_losses = []
-        for b in rb:
-            ev.load(b)
-            r_losses.append(ev.loss())
-        ev.load(rm)
-        gains[folder.random.name] = _gain(ev, folder.random, rb, rm, r_losses, ev.loss(), settings)
+        r_losses = [at(f"heldout/{rname}/{k}", lambda: ev.load(b)) for k, b in enumerate(rb)]
+        r_merged = at(f"heldout/{rname}/merged", lambda: ev.load(rm))
+        gains[rname] = _gain(ev, folder.random, rb, rm, r_losses, r_merged, settings, memo)
         # the same geometry for the random split: does splitting on conflicts make the branches' updates
         # more orthogonal (a larger spread to average, and less of each update kept)?
         displacement["task_vectors_random"] = {
@@ -266,11 +271,12 @@ def diagnose(folder: RunFolder, settings: Settings) -> tuple[dict, list[dict], d
                 signs = (1.0, -1.0) if settings.antithetic else (1.0,)
                 perturbed = []
                 for sign in signs:
-                    # Reseeded per evaluation and ev.names in a fixed order: draw d's noise is the same
-                    # tensor for every model, σ and sign (common random numbers: differences are not noise).
-                    gen = torch.Generator().manual_seed(seed * 1000 + draw)
-                    ev.set_weights(lambda n: _perturbed(ckpt[n], sign * sigma, gen, L))
-                    perturbed.append(ev.loss())
+                    def place():
+                        # Reseeded per evaluation and ev.names in a fixed order: draw d's noise is the same
+                        # tensor for every model, σ and sign (common random numbers: differences are not noise).
+                        gen = torch.Generator().manual_seed(seed * 1000 + draw)
+                        ev.set_weights(lambda n: _perturbed(ckpt[n], sign * sigma, gen, L))
+                    perturbed.append(at(f"perturb/{label}/{sigma!r}/{draw}/{sign:+g}", place))
                 increases.append(sum(perturbed) / len(perturbed) - clean)
             rows.append(increases)
         mean = [sum(r) / len(r) for r in rows]
@@ -372,7 +378,7 @@ def _task_vectors(ev: Evaluator, theta0: LazyCheckpoint, branches: list[LazyChec
 
 
 def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
-          branch_losses: list[float], merged_loss: float, settings: Settings) -> dict:
+          branch_losses: list[float], merged_loss: float, settings: Settings, memo: Memo) -> dict:
     """Measured Σ_k w_k L(θ_k) − L(θ̄) beside ½ Σ_k w_k (θ_k − θ̄)ᵀ H (θ_k − θ̄), H at θ̄ on the calibration
     examples: one HVP per branch, or (``settings.curvature == "second-difference"``) two losses per branch
     on the line through θ̄ and θ_k."""
@@ -380,28 +386,32 @@ def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: L
 
     from merit.diagnose import landscape as L
 
-    ev.load(merged)
     curvatures = []
     started = time.time()
+
+    def calibration_loss(place) -> float:
+        place()
+        return ev.loss(ev.calibration)
+
     if settings.curvature == "second-difference":
         eps = settings.curvature_epsilon
-        at = ev.loss(ev.calibration)
-        for b in branches:
+        at = memo(f"calibration/{merge.name}/merged", lambda: calibration_loss(lambda: ev.load(merged)))
+        for k, b in enumerate(branches):
             # θ̄ ± ε(θ_k − θ̄) = the line through the merge and the branch at α = ±ε (merged → branch)
-            ends = []
-            for alpha in (eps, -eps):
-                ev.set_weights(lambda n: L.interpolate(merged[n], b[n], alpha))
-                ends.append(ev.loss(ev.calibration))
+            ends = [memo(f"calibration/{merge.name}/{k}/{alpha!r}", lambda: calibration_loss(
+                lambda: ev.set_weights(lambda n: L.interpolate(merged[n], b[n], alpha)))) for alpha in (eps, -eps)]
             curvatures.append(L.second_difference_curvature(ends[0], at, ends[1], eps))
-        ev.load(merged)
         how = f"{2 * len(branches) + 1} loss evaluations (second differences, ε = {eps:g})"
     else:
         device = ev.state[ev.floating[0]].device
-        for b in branches:
+
+        def hvp(b: LazyCheckpoint) -> float:
+            ev.load(merged)  # H at θ̄
             # θ_k − θ̄ (= δ_k − δ̄), built tensor by tensor, one branch at a time: one parameter-sized vector.
             d = {n: b[n].to(device, torch.float32) - merged[n].to(device, torch.float32) for n in ev.floating}
-            curvatures.append(ev.curvature(d))
-            del d
+            return ev.curvature(d)
+
+        curvatures = [memo(f"curvature/{merge.name}/{k}", lambda: hvp(b)) for k, b in enumerate(branches)]
         how = f"{len(branches)} HVPs"
     measured = L.measured_gain(merge.weights, branch_losses, merged_loss)
     predicted = L.predicted_gain(merge.weights, curvatures)

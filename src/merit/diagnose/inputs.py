@@ -20,6 +20,46 @@ def log(msg: str) -> None:
     print(f"[merit] diagnose: {msg}", file=sys.stderr, flush=True)
 
 
+class Memo:
+    """The numbers a diagnosis has computed so far (each loss, each curvature), by label, written to
+    ``path`` after every one, so a diagnosis that is stopped (a session's end, a preempted node: the whole
+    thing is ~300 evaluations at the paper's settings) resumes where it stopped instead of from zero.
+
+    The file carries the diagnose stage's key: values from other checkpoints or settings are never reused.
+    JSON keeps Python floats exactly (shortest repr), so a resumed diagnosis writes the same numbers as an
+    uninterrupted one. ``path=None``: remember nothing (the ``merit diagnose`` command).
+    """
+
+    def __init__(self, path: Path | None = None, key: str | None = None):
+        import json
+
+        self.path, self.key, self.values, self.reused = path, key, {}, 0
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            if data.get("key") == key:
+                self.values = dict(data.get("values", {}))
+        self.resumed = len(self.values)
+
+    def __call__(self, label: str, compute):
+        if label in self.values:
+            self.reused += 1
+            return self.values[label]
+        value = compute()
+        self.values[label] = value
+        if self.path is not None:
+            from merit import artifacts
+
+            artifacts.write_json(self.path, {"key": self.key, "values": self.values})
+        return value
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class Merge:
     """One split's branches and their token-weighted merge."""
