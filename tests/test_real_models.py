@@ -51,7 +51,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.bias = torch.nn.Parameter(bias)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, **unused):  # keeps no key/value cache
         return types.SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1).clone())
 
 
@@ -71,6 +71,35 @@ def test_multiple_choice_scorer_picks_the_likely_option(tiny_checkpoint):
     assert pick_choice(sums, lengths) == 1
     wrong = dict(ex, answer_index=0)
     assert evaluate_source(model, tok, [ex, wrong], EvalSettings())["score"] == pytest.approx(0.5)
+
+
+def test_shared_prompt_scoring_equals_one_row_per_choice(tiny_checkpoint):
+    """The prompt's cache shared by its choices gives the scores of scoring each prompt + choice alone: prompts
+    of different lengths in one left-padded batch, choices of one and of several tokens, batches split by
+    their row count, and an example too long to share (scored by row) in the same call."""
+    from merit.evaluate.runner import _choice_logprobs_by_row
+
+    tok, model = load_tokenizer(tiny_checkpoint), load_model(tiny_checkpoint).eval()
+    rng = __import__("random").Random(0)
+    examples = []
+    for n in range(9):
+        prompt = " ".join("hello world abc"[: rng.randint(1, 15)] for _ in range(1 + n % 4))
+        choices = ["a", "HELLO WORLD", "xyz 0123", "b c"][: 2 + n % 3]
+        examples.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a"}],
+                         "choices": choices, "answer_index": 0})
+    settings = EvalSettings(max_length=64, batch_size=5)
+    long = {"messages": [{"role": "user", "content": "hello world " * 12}, {"role": "assistant", "content": "a"}],
+            "choices": ["a", "HELLO WORLD"], "answer_index": 0}
+    examples.insert(4, long)
+    from merit.data.chat import generation_prompt
+
+    assert len(generation_prompt(tok, long["messages"])[0]) + 2 > settings.max_length  # cut: not shared
+    shared = choice_logprobs(model, tok, examples, settings)
+    by_row = _choice_logprobs_by_row(model, tok, examples, settings)
+    assert [lengths for _, lengths in shared] == [lengths for _, lengths in by_row]
+    for (a, _), (b, _) in zip(shared, by_row):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert len({round(v, 3) for sums, _ in shared for v in sums}) > 10  # the comparison is not between constants
 
 
 def test_length_normalisation_changes_the_pick():

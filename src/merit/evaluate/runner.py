@@ -50,7 +50,112 @@ def assistant_loss(model, tokenizer, examples: list[dict], s: EvalSettings) -> t
 
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, examples: list[dict], s: EvalSettings) -> list[tuple[list[float], list[int]]]:
-    """Per example: the summed log-probability of each choice's tokens after the prompt, and their counts."""
+    """Per example: the summed log-probability of each choice's tokens after the prompt, and their counts.
+
+    The prompt is run once per example and its keys and values are shared by the example's choices
+    (:func:`_shared_prefix_logprobs`): with C choices that is one prompt forward instead of C, the bulk of the
+    cost when prompts are long. Examples whose prompt plus a choice exceeds ``max_length`` (the prompt is
+    then cut differently for each choice) and models without a key/value cache take one row per choice
+    (:func:`_choice_logprobs_by_row`); both give the same scores up to floating-point rounding.
+    """
+    prompts = [generation_prompt(tokenizer, ex["messages"])[0] for ex in examples]
+    choices = [[tokenizer(str(c), add_special_tokens=False)["input_ids"] for c in ex["choices"]] for ex in examples]
+    cache_arg = _cache_argument(model)
+    shared = [i for i in range(len(examples)) if cache_arg and prompts[i] and all(choices[i])
+              and len(prompts[i]) + max(map(len, choices[i])) <= s.max_length]
+    out: list = [None] * len(examples)
+    order = sorted(shared, key=lambda i: len(prompts[i]))  # similar prompt lengths share a batch
+    for group in _batches_of_rows(order, [len(choices[i]) for i in order], s.batch_size):
+        sums = _shared_prefix_logprobs(model, [prompts[i] for i in group], [choices[i] for i in group],
+                                       tokenizer.pad_token_id, cache_arg)
+        if sums is None:  # the model returned no cache: every example takes the row path
+            break
+        for i, v in zip(group, sums):
+            out[i] = (v, [len(c) for c in choices[i]])
+    rest = [i for i in range(len(examples)) if out[i] is None]
+    for i, v in zip(rest, _choice_logprobs_by_row(model, tokenizer, [examples[i] for i in rest], s)):
+        out[i] = v
+    return out
+
+
+def _cache_argument(model) -> str | None:
+    """The forward's key/value-cache argument (``cache`` from transformers 5.2x, ``past_key_values`` before),
+    or None when the forward takes no cache or cannot restrict its logits (``logits_to_keep``)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" not in params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _batches_of_rows(items: list[int], rows: list[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of ``items`` holding at most ``limit`` rows in all (one item per group at least),
+    so a batch of choices is no larger than a batch of the one-row-per-choice path."""
+    groups, current, count = [], [], 0
+    for item, n in zip(items, rows):
+        if current and count + n > limit:
+            groups.append(current)
+            current, count = [], 0
+        current.append(item)
+        count += n
+    return groups + [current] if current else groups
+
+
+def _shared_prefix_logprobs(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int,
+                            cache_arg: str = "cache") -> list[list[float]] | None:
+    """Summed log-probabilities of every choice after its prompt, the prompt's keys and values computed once.
+
+    The prompts are left-padded (with explicit positions, so each prompt sits at positions 0..len−1 as it
+    would alone): every prompt then ends in the last column, whose logits score each choice's first token.
+    The cache is repeated once per choice and the choices' remaining tokens run on top of it in one
+    right-padded batch. None when the model returns no cache."""
+    device = _device(model)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=True, logits_to_keep=1)
+    cache = next((c for c in (getattr(out, "cache", None), getattr(out, "past_key_values", None)) if c is not None),
+                 None)
+    if cache is None:
+        return None
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): next token after each prompt
+    rows = [(b, c) for b, cs in enumerate(choices) for c in cs]
+    owner = torch.tensor([b for b, _ in rows])
+    sums = first[owner.to(device), torch.tensor([c[0] for _, c in rows], device=device)]
+    longest = max(len(c) for _, c in rows)
+    if longest > 1:  # the choices' later tokens, predicted from the shared prompt plus the choice so far
+        cache.batch_select_indices(owner.to(device))
+        cids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        cmask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, (_, c) in enumerate(rows):
+            cids[r, : len(c)] = torch.tensor(c)
+            cmask[r, : len(c)] = 1
+        targets = torch.nn.functional.pad(cids[:, 1:], (0, 1), value=pad_id)
+        keep = torch.nn.functional.pad(cmask[:, 1:], (0, 1)).bool()  # position j predicts token j+1 of the choice
+        start = mask.sum(-1)[owner]
+        logits = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[owner], cmask], 1).to(device),
+                       position_ids=(start[:, None] + torch.arange(longest)).to(device), use_cache=True,
+                       logits_to_keep=keep.to(device), **{cache_arg: cache}).logits  # (N, V): N later choice tokens
+        logp = -torch.nn.functional.cross_entropy(logits.float(), targets[keep].to(device), reduction="none")
+        sums = sums.index_add(0, keep.nonzero()[:, 0].to(device), logp)
+    values = sums.tolist()
+    out_sums, r = [], 0
+    for cs in choices:
+        out_sums.append(values[r : r + len(cs)])
+        r += len(cs)
+    return out_sums
+
+
+@torch.no_grad()
+def _choice_logprobs_by_row(model, tokenizer, examples: list[dict], s: EvalSettings
+                            ) -> list[tuple[list[float], list[int]]]:
+    """One row per example × choice (prompt + choice, cut to ``max_length`` from the left), batched."""
     rows = []  # (example index, Tokenized with labels on the choice tokens only)
     for i, ex in enumerate(examples):
         prompt, _ = generation_prompt(tokenizer, ex["messages"])

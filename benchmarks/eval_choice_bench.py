@@ -1,0 +1,75 @@
+"""Multiple-choice scoring: one row per choice against the prompt's cache shared by its choices.
+
+    .venv/bin/python benchmarks/eval_choice_bench.py [--model DIR] [--n 16] [--batch-size 16] [--tasks ...]
+
+Both scorers run in one process on the same held-out examples of BIG-bench multiple-choice tasks (short
+2-choice prompts and long many-choice ones); the table gives each one's examples per second, the
+largest difference of a choice's summed log-probability, and how many picks agree. Appends the table,
+with the command and machine, to benchmarks/eval_results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from merit.data.jsonl import read_examples
+from merit.evaluate.runner import EvalSettings, _choice_logprobs_by_row, choice_logprobs
+from merit.evaluate.scoring import pick_choice
+from merit.models.loading import load_model, load_tokenizer
+from merit.models.presets import cache_dir
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/bigbench-mix/eval"
+TASKS = ["strategyqa", "hyperbaton", "ruin_names", "vitaminc_fact_verification", "logical_deduction",
+         "intent_recognition"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=cache_dir() / "smollm2-135m-instruct")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    args = ap.parse_args()
+    tok, model = load_tokenizer(args.model), load_model(args.model).eval()
+    settings = EvalSettings(max_length=256, batch_size=args.batch_size)
+    lines = ["| task | examples | choices (mean) | by row (ex/s) | shared prompt (ex/s) | speed-up | max abs Δ log p "
+             "| same picks |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    total = [0.0, 0.0]
+    for task in args.tasks:
+        examples = read_examples(DATA / f"{task}.jsonl", args.n)
+        start = time.perf_counter()
+        rows = _choice_logprobs_by_row(model, tok, examples, settings)
+        t_rows = time.perf_counter() - start
+        start = time.perf_counter()
+        shared = choice_logprobs(model, tok, examples, settings)
+        t_shared = time.perf_counter() - start
+        total[0] += t_rows
+        total[1] += t_shared
+        delta = max(abs(a - b) for (x, _), (y, _) in zip(rows, shared) for a, b in zip(x, y))
+        same = sum(pick_choice(*a) == pick_choice(*b) for a, b in zip(rows, shared))
+        mean_c = sum(len(ex["choices"]) for ex in examples) / len(examples)
+        lines.append(f"| {task} | {len(examples)} | {mean_c:.1f} | {len(examples) / t_rows:.2f} | "
+                     f"{len(examples) / t_shared:.2f} | {t_rows / t_shared:.1f}× | {delta:.1e} | {same}/{len(examples)} |")
+        print(lines[-1], flush=True)
+    lines.append(f"| all | | | {total[0]:.1f} s | {total[1]:.1f} s | {total[0] / total[1]:.1f}× | | |")
+    table = "\n".join(lines)
+    print(table)
+    load = os.getloadavg()[0]
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
+               f"{torch.get_num_threads()}, load average {load:.1f}")
+    record = (f"\n## {time.strftime('%Y-%m-%d %H:%M')} — multiple choice: the prompt's cache shared by its choices\n\n"
+              f"Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`  \n"
+              f"Model: `{args.model.name}`, batch size {args.batch_size} rows. Machine: {machine}.\n\n{table}\n")
+    with open(Path(__file__).with_name("eval_results.md"), "a") as f:
+        f.write(record)
+
+
+if __name__ == "__main__":
+    main()
