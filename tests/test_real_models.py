@@ -73,33 +73,44 @@ def test_multiple_choice_scorer_picks_the_likely_option(tiny_checkpoint):
     assert evaluate_source(model, tok, [ex, wrong], EvalSettings())["score"] == pytest.approx(0.5)
 
 
-def test_shared_prompt_scoring_equals_one_row_per_choice(tiny_checkpoint):
-    """The prompt's cache shared by its choices gives the scores of scoring each prompt + choice alone: prompts
-    of different lengths in one left-padded batch, choices of one and of several tokens, batches split by
-    their row count, and an example too long to share (scored by row) in the same call."""
-    from merit.evaluate.runner import _choice_logprobs_by_row
+def test_one_pass_scoring_equals_one_row_per_choice_and_the_separate_loss(tiny_checkpoint):
+    """One forward per conversation, its prompt's cache shared by the choices, gives the scores of scoring each
+    prompt + choice alone and the assistant loss of a separate pass: conversations of different lengths in
+    one batch, choices of one and of several tokens, batches split by their row count, and an example too
+    long to share (scored by row, its loss left to assistant_loss) in the same call."""
+    import random
+
+    from merit.data.chat import generation_prompt
+    from merit.evaluate.runner import _choice_logprobs_by_row, assistant_loss, choice_pass
 
     tok, model = load_tokenizer(tiny_checkpoint), load_model(tiny_checkpoint).eval()
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     examples = []
     for n in range(9):
         prompt = " ".join("hello world abc"[: rng.randint(1, 15)] for _ in range(1 + n % 4))
         choices = ["a", "HELLO WORLD", "xyz 0123", "b c"][: 2 + n % 3]
-        examples.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a"}],
-                         "choices": choices, "answer_index": 0})
+        examples.append({"messages": [{"role": "user", "content": prompt},
+                                      {"role": "assistant", "content": choices[n % 2]}],
+                         "choices": choices, "answer_index": n % 2})
     settings = EvalSettings(max_length=64, batch_size=5)
     long = {"messages": [{"role": "user", "content": "hello world " * 12}, {"role": "assistant", "content": "a"}],
             "choices": ["a", "HELLO WORLD"], "answer_index": 0}
     examples.insert(4, long)
-    from merit.data.chat import generation_prompt
-
     assert len(generation_prompt(tok, long["messages"])[0]) + 2 > settings.max_length  # cut: not shared
-    shared = choice_logprobs(model, tok, examples, settings)
+
+    passed = choice_pass(model, tok, examples, settings)
     by_row = _choice_logprobs_by_row(model, tok, examples, settings)
-    assert [lengths for _, lengths in shared] == [lengths for _, lengths in by_row]
-    for (a, _), (b, _) in zip(shared, by_row):
+    assert [lengths for _, lengths in passed.scores] == [lengths for _, lengths in by_row]
+    for (a, _), (b, _) in zip(passed.scores, by_row):
         assert a == pytest.approx(b, abs=1e-4)
-    assert len({round(v, 3) for sums, _ in shared for v in sums}) > 10  # the comparison is not between constants
+    assert len({round(v, 3) for sums, _ in passed.scores for v in sums}) > 10  # not a comparison of constants
+    assert passed.losses[4] is None and all(loss is not None for i, loss in enumerate(passed.losses) if i != 4)
+    for ex, loss in zip(examples, passed.losses):
+        if loss is not None:
+            assert loss == pytest.approx(assistant_loss(model, tok, [ex], settings), abs=1e-4)
+    source = evaluate_source(model, tok, examples, settings)
+    total, count = assistant_loss(model, tok, examples, settings)
+    assert source["loss"] == pytest.approx(total / count, abs=1e-5)
 
 
 def test_length_normalisation_changes_the_pick():

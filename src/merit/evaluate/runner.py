@@ -48,34 +48,49 @@ def assistant_loss(model, tokenizer, examples: list[dict], s: EvalSettings) -> t
     return total, count
 
 
-@torch.no_grad()
-def choice_logprobs(model, tokenizer, examples: list[dict], s: EvalSettings) -> list[tuple[list[float], list[int]]]:
-    """Per example: the summed log-probability of each choice's tokens after the prompt, and their counts.
+@dataclass
+class ChoicePass:
+    scores: list[tuple[list[float], list[int]]]  # per example: each choice's summed log-probability and tokens
+    losses: list[tuple[float, int] | None]  # per example: assistant-token loss sum and count, None if not computed
 
-    The prompt is run once per example and its keys and values are shared by the example's choices
-    (:func:`_shared_prefix_logprobs`): with C choices that is one prompt forward instead of C, the bulk of the
-    cost when prompts are long. Examples whose prompt plus a choice exceeds ``max_length`` (the prompt is
-    then cut differently for each choice) and models without a key/value cache take one row per choice
-    (:func:`_choice_logprobs_by_row`); both give the same scores up to floating-point rounding.
+
+@torch.no_grad()
+def choice_pass(model, tokenizer, examples: list[dict], s: EvalSettings) -> ChoicePass:
+    """Multiple-choice scores of ``examples`` and, for most of them, their assistant loss from the same pass.
+
+    Each conversation (prompt + reference answer) is run once: its label positions give the assistant loss,
+    the position before the answer scores every choice's first token, and its keys and values up to the
+    prompt's end are shared by the choices' later tokens (:func:`_conversation_and_choices`). With C choices
+    that is one forward over the prompt instead of C + 1, the bulk of the cost when prompts are long.
+    Examples cut by ``max_length`` (the prompt would be cut differently for each choice) and models without a
+    key/value cache take one row per choice (:func:`_choice_logprobs_by_row`) and leave their loss to
+    :func:`assistant_loss`; both ways give the same numbers up to floating-point rounding.
     """
     prompts = [generation_prompt(tokenizer, ex["messages"])[0] for ex in examples]
+    convs = [tokenize_conversation(tokenizer, ex["messages"], s.max_length) for ex in examples]
     choices = [[tokenizer(str(c), add_special_tokens=False)["input_ids"] for c in ex["choices"]] for ex in examples]
     cache_arg = _cache_argument(model)
-    shared = [i for i in range(len(examples)) if cache_arg and prompts[i] and all(choices[i])
-              and len(prompts[i]) + max(map(len, choices[i])) <= s.max_length]
-    out: list = [None] * len(examples)
-    order = sorted(shared, key=lambda i: len(prompts[i]))  # similar prompt lengths share a batch
+    shared = [i for i in range(len(examples)) if cache_arg and prompts[i] and all(choices[i]) and
+              not convs[i].truncated and convs[i].loss_tokens and len(prompts[i]) + max(map(len, choices[i])) <= s.max_length]
+    scores: list = [None] * len(examples)
+    losses: list = [None] * len(examples)
+    order = sorted(shared, key=lambda i: len(convs[i].input_ids))  # similar lengths share a batch
     for group in _batches_of_rows(order, [len(choices[i]) for i in order], s.batch_size):
-        sums = _shared_prefix_logprobs(model, [prompts[i] for i in group], [choices[i] for i in group],
-                                       tokenizer.pad_token_id, cache_arg)
-        if sums is None:  # the model returned no cache: every example takes the row path
+        done = _conversation_and_choices(model, [convs[i] for i in group], [len(prompts[i]) for i in group],
+                                         [choices[i] for i in group], tokenizer.pad_token_id, cache_arg)
+        if done is None:  # the model returned no cache: every example takes the row path
             break
-        for i, v in zip(group, sums):
-            out[i] = (v, [len(c) for c in choices[i]])
-    rest = [i for i in range(len(examples)) if out[i] is None]
+        for i, (sums, loss) in zip(group, done):
+            scores[i], losses[i] = (sums, [len(c) for c in choices[i]]), loss
+    rest = [i for i in range(len(examples)) if scores[i] is None]
     for i, v in zip(rest, _choice_logprobs_by_row(model, tokenizer, [examples[i] for i in rest], s)):
-        out[i] = v
-    return out
+        scores[i] = v
+    return ChoicePass(scores, losses)
+
+
+def choice_logprobs(model, tokenizer, examples: list[dict], s: EvalSettings) -> list[tuple[list[float], list[int]]]:
+    """Per example: the summed log-probability of each choice's tokens after the prompt, and their counts."""
+    return choice_pass(model, tokenizer, examples, s).scores
 
 
 def _cache_argument(model) -> str | None:
@@ -102,29 +117,38 @@ def _batches_of_rows(items: list[int], rows: list[int], limit: int) -> list[list
     return groups + [current] if current else groups
 
 
-def _shared_prefix_logprobs(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int,
-                            cache_arg: str = "cache") -> list[list[float]] | None:
-    """Summed log-probabilities of every choice after its prompt, the prompt's keys and values computed once.
+def _conversation_and_choices(model, convs: list[Tokenized], prompt_lengths: list[int],
+                              choices: list[list[list[int]]], pad_id: int, cache_arg: str = "cache"
+                              ) -> list[tuple[list[float], tuple[float, int]]] | None:
+    """Per conversation: each choice's summed log-probability after the prompt, and the assistant loss
+    (sum, tokens). None when the model returns no cache.
 
-    The prompts are left-padded (with explicit positions, so each prompt sits at positions 0..len−1 as it
-    would alone): every prompt then ends in the last column, whose logits score each choice's first token.
-    The cache is repeated once per choice and the choices' remaining tokens run on top of it in one
-    right-padded batch. None when the model returns no cache."""
+    The conversations run right-padded, each at positions 0..len−1 as it would alone, with logits at their
+    label positions and at the prompt's last token (whose next-token distribution scores each choice's first
+    token). The cache is repeated once per choice; the choices' later tokens run on top of it at positions
+    prompt length + j, attending to the prompt's columns only (the answer's and the padding's are masked)."""
     device = _device(model)
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=True, logits_to_keep=1)
+    batch = pad_batch(convs, pad_id)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    rows_b = torch.arange(len(convs))
+    start = torch.tensor(prompt_lengths)  # each choice's first token sits at its prompt's length
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position i predicts token i+1
+    labelled = targets != IGNORE
+    keep = labelled.clone()
+    keep[rows_b, start - 1] = True
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                logits_to_keep=keep.to(device))
     cache = next((c for c in (getattr(out, "cache", None), getattr(out, "past_key_values", None)) if c is not None),
                  None)
     if cache is None:
         return None
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): next token after each prompt
+    logits = out.logits.float()  # (N, V): one row per kept position, in row-major order
+    at = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # the logits row of each kept position
+    token_logp = -torch.nn.functional.cross_entropy(logits[at[labelled].to(device)], targets[labelled].to(device),
+                                                    reduction="none")
+    loss = torch.zeros(len(convs), dtype=token_logp.dtype, device=device).index_add_(
+        0, labelled.nonzero()[:, 0].to(device), -token_logp)
+    first = torch.log_softmax(logits[at[rows_b, start - 1].to(device)], dim=-1)  # (B, V): after each prompt
     rows = [(b, c) for b, cs in enumerate(choices) for c in cs]
     owner = torch.tensor([b for b, _ in rows])
     sums = first[owner.to(device), torch.tensor([c[0] for _, c in rows], device=device)]
@@ -136,20 +160,20 @@ def _shared_prefix_logprobs(model, prompts: list[list[int]], choices: list[list[
         for r, (_, c) in enumerate(rows):
             cids[r, : len(c)] = torch.tensor(c)
             cmask[r, : len(c)] = 1
-        targets = torch.nn.functional.pad(cids[:, 1:], (0, 1), value=pad_id)
-        keep = torch.nn.functional.pad(cmask[:, 1:], (0, 1)).bool()  # position j predicts token j+1 of the choice
-        start = mask.sum(-1)[owner]
-        logits = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[owner], cmask], 1).to(device),
-                       position_ids=(start[:, None] + torch.arange(longest)).to(device), use_cache=True,
-                       logits_to_keep=keep.to(device), **{cache_arg: cache}).logits  # (N, V): N later choice tokens
-        logp = -torch.nn.functional.cross_entropy(logits.float(), targets[keep].to(device), reduction="none")
-        sums = sums.index_add(0, keep.nonzero()[:, 0].to(device), logp)
-    values = sums.tolist()
-    out_sums, r = [], 0
-    for cs in choices:
-        out_sums.append(values[r : r + len(cs)])
+        ctargets = torch.nn.functional.pad(cids[:, 1:], (0, 1), value=pad_id)
+        ckeep = torch.nn.functional.pad(cmask[:, 1:], (0, 1)).bool()  # position j predicts the choice's token j+1
+        prompt_only = (torch.arange(ids.shape[1]) < start[owner, None]).long()  # not the answer, not the padding
+        clogits = model(input_ids=cids.to(device), attention_mask=torch.cat([prompt_only, cmask], 1).to(device),
+                        position_ids=(start[owner, None] + torch.arange(longest)).to(device), use_cache=True,
+                        logits_to_keep=ckeep.to(device), **{cache_arg: cache}).logits  # (N', V)
+        logp = -torch.nn.functional.cross_entropy(clogits.float(), ctargets[ckeep].to(device), reduction="none")
+        sums = sums.index_add(0, ckeep.nonzero()[:, 0].to(device), logp)
+    values, losses, counts = sums.tolist(), loss.tolist(), labelled.sum(-1).tolist()
+    result, r = [], 0
+    for b, cs in enumerate(choices):
+        result.append((values[r : r + len(cs)], (losses[b], int(counts[b]))))
         r += len(cs)
-    return out_sums
+    return result
 
 
 @torch.no_grad()
@@ -231,10 +255,15 @@ def evaluate_source(model, tokenizer, examples: list[dict], s: EvalSettings) -> 
         from merit.evaluate import vision
 
         return vision.evaluate_source(model, tokenizer, examples, s)
-    items = item_scores(examples, lambda exs: choice_logprobs(model, tokenizer, exs, s),
-                        lambda exs: generate(model, tokenizer, exs, s),
+    mc = [ex for ex in examples if is_multiple_choice(ex)]
+    passed = choice_pass(model, tokenizer, mc, s)  # most multiple-choice losses come with their scores
+    items = item_scores(examples, lambda exs: passed.scores, lambda exs: generate(model, tokenizer, exs, s),
                         lambda ex: generation_prompt(tokenizer, ex["messages"])[1], s)
-    return source_result(examples, items, *assistant_loss(model, tokenizer, examples, s))
+    rest = [ex for ex in examples if not is_multiple_choice(ex)] + [ex for ex, l in zip(mc, passed.losses) if l is None]
+    total, count = assistant_loss(model, tokenizer, rest, s)
+    for loss in filter(None, passed.losses):
+        total, count = total + loss[0], count + loss[1]
+    return source_result(examples, items, total, count)
 
 
 def _out_of_memory(e: BaseException) -> bool:
