@@ -1,5 +1,6 @@
 """Spectral merge benchmark: wall time and peak RSS of star, tsv, iso-c, iso-cts, model-stock (and the
 token-weighted / ties baselines) on K SmolLM2-135M-shaped branches, against the engine's memory bound.
+``--operators ties-peft ties`` compares merit's in-place TIES kernel with PEFT's ``merge_utils.ties``.
 
     PYTHONPATH=src .venv/bin/python benchmarks/svd_merge_bench.py --k 4
 
@@ -34,8 +35,18 @@ OPERATORS = ["token-weighted", "ties", "model-stock", "iso-c", "star", "tsv", "i
 CHILD = """
 import json, sys
 from pathlib import Path
+import torch
 from merit.merge.checkpoint import merge_checkpoints
+from merit.merge.operators import _task_vectors, operator
 spec = json.loads(sys.argv[1])
+if spec["op"] == "ties-peft":  # the kernel merit's ties replaced: PEFT's merge_utils.ties on whole copies
+    from peft.utils import merge_utils
+
+    @operator("ties-peft", needs_base=True, params={"density": 0.2, "lam": 1.0})
+    def ties_peft(tensors, weights, *, base, density=0.2, lam=1.0):
+        taus = _task_vectors(tensors, base)
+        w = torch.tensor([len(weights) * float(x) for x in weights], dtype=taus[0].dtype)
+        return base.to(taus[0].dtype) + lam * merge_utils.ties(taus, w, density, majority_sign_method="total")
 info = merge_checkpoints([Path(b) for b in spec["branches"]], spec["weights"], spec["op"], Path(spec["out"]),
                          base=Path(spec["base"]), workers=spec["workers"], progress=False)
 print(json.dumps(info))

@@ -96,11 +96,16 @@ def test_ties_hand_case_unequal_weights_scales_by_k_w():
     torch.testing.assert_close(out, torch.tensor([1.5 * 3.0, 0.75 * 4.0, 0.0, 0.75 * -5.0]))
 
 
-@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 5)])
-def test_ties_equals_peft_ties_kernel(shape):
+@pytest.mark.parametrize("shape,integer", [((7,), False), ((5, 6), False), ((3, 4, 5), False), ((40, 30), True)])
+def test_ties_equals_peft_ties_kernel(shape, integer):
+    # integer: task vectors in {-2..2}, so many magnitudes tie at the trim threshold and many sums are 0
     gen = torch.Generator().manual_seed(1)
-    base = torch.randn(shape, generator=gen)
-    branches = [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(4)]
+    base = torch.randint(-3, 4, shape, generator=gen).float() if integer else torch.randn(shape, generator=gen)
+    noise = (lambda: torch.randint(-2, 3, shape, generator=gen).float()) if integer else (
+        lambda: 0.1 * torch.randn(shape, generator=gen))
+    branches = [base + noise() for _ in range(4)]
+    if integer:
+        assert any((b - base).abs().eq(1).sum() > 1 for b in branches)  # ties at a magnitude, exactly
     weights = [0.1, 0.2, 0.3, 0.4]
     ours = ties(branches, weights, base=base, density=0.4, lam=0.7)
     taus = [b - base for b in branches]

@@ -243,7 +243,8 @@ def _units(names: Sequence[str], ref: dict[str, st.TensorEntry], chunk: int | No
 def _unit_bytes(u: _Unit, n_inputs: int, dtype: str, op: MergeOperator) -> int:
     n = u.stop - u.start
     # Inputs as stored, plus fp32 working tensors: accumulator, upcast input, cast output for linear
-    # operators; for TIES/DARE the PEFT kernels' stacked task vectors, masks and weighted copies (~4K).
+    # operators; for whole-tensor ones a generous 4K + 4 (TIES/DARE hold the K task vectors and ≈ 4
+    # temporaries, the SVD operators the task vectors and their factors).
     work = 3 if op.linear else 4 * n_inputs + 4
     return n * (n_inputs * st.itemsize(dtype) + work * 4)
 

@@ -153,13 +153,6 @@ def _peft():
     return merge_utils
 
 
-def _kernel_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    # TIES-style kernels divide the sum of agreeing weighted entries by their *count* (PEFT), so the
-    # weights are scaled by K: equal weights become all ones and the kernel is the paper's disjoint mean.
-    k = len(weights)
-    return torch.tensor([k * float(w) for w in weights], dtype=like.dtype, device=like.device)
-
-
 def _random_prune(tau: torch.Tensor, density: float, rescale: bool, gen: torch.Generator) -> torch.Tensor:
     # peft.utils.merge_utils.random_pruning with an explicit generator instead of the global RNG, so that
     # concurrent tensors cannot interleave their draws. Masks are drawn on the CPU: the same seed gives
@@ -221,7 +214,7 @@ def task_arithmetic(tensors: Sequence[torch.Tensor], weights: Sequence[float], *
 @operator("ties", needs_base=True, params={"density": 0.2, "lam": 1.0}, mergekit="ties")
 def ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor,
          density: float = 0.2, lam: float = 1.0) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023), exactly PEFT's ``merge_utils.ties`` kernel, per tensor.
+    """TIES-merging (Yadav et al. 2023): PEFT's ``merge_utils.ties`` kernel, per tensor, computed in place.
 
     θ̄ = θ(0) + λ · ties(τ_1..τ_K, weights=K·w, density, majority_sign_method="total"), i.e.:
 
@@ -234,11 +227,49 @@ def ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: tor
 
     mergekit's ``ties`` differs when weights are unequal: it elects on weighted task vectors and divides
     by the sum of the agreeing weights. With equal weights all three agree.
+
+    The result equals PEFT's bit for bit (tested); the kernel is ours because PEFT's stacks, masks and
+    weights whole copies of the K task vectors (≈ 4K + 4 float32 copies of the tensor at its peak: over the
+    engine's memory bound on the 49152×576 embedding), where trimming in place and merging one branch at a
+    time holds the K task vectors plus ≈ 4 tensor-sized temporaries.
     """
     _check(tensors, weights)
     taus = _task_vectors(tensors, base)
-    mixed = _peft().ties(taus, _kernel_weights(weights, taus[0]), density, majority_sign_method="total")
+    for tau in taus:
+        _trim_in_place(tau, density)
+    # The kernel divides the sum of agreeing weighted entries by their *count* (PEFT), so the weights are
+    # scaled by K: equal weights become all ones and the kernel is the paper's disjoint mean.
+    mixed = _elect_and_disjoint_merge(taus, [len(weights) * float(w) for w in weights])
     return base.to(mixed.dtype) + float(lam) * mixed
+
+
+def _trim_in_place(tau: torch.Tensor, density: float) -> None:
+    # peft.utils.merge_utils.magnitude_based_pruning without its float mask and product copy: keep the
+    # int(density · numel) entries of largest |τ| (torch.topk's choice among equal magnitudes), zero the rest.
+    if density >= 1.0:
+        return
+    flat = tau.view(-1)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat.abs(), k=int(density * flat.numel()), largest=True).indices] = True
+    flat.mul_(keep)
+
+
+def _elect_and_disjoint_merge(taus: Sequence[torch.Tensor], kernel_weights: Sequence[float]) -> torch.Tensor:
+    """PEFT's ``calculate_majority_sign_mask(method="total")`` then ``disjoint_merge`` of the weighted task
+    vectors, one branch at a time: the sign of Σ_k τ_k is elected (0 elects +); each τ_k's entries of that
+    sign (zeros never agree) are summed with weight w_k and divided by how many agreed (at least 1)."""
+    total = torch.zeros_like(taus[0])
+    for tau in taus:
+        total.add_(tau)
+    positive = total >= 0
+    del total
+    mixed = torch.zeros_like(taus[0])
+    agreeing = torch.zeros(taus[0].shape, dtype=torch.int32, device=taus[0].device)  # counts ≤ K
+    for tau, w in zip(taus, kernel_weights):
+        agree = torch.where(positive, tau > 0, tau < 0)  # sign(τ) == elected sign; 0 and NaN never agree
+        mixed.add_((tau * w) * agree)
+        agreeing.add_(agree)
+    return mixed / torch.clamp(agreeing, min=1.0)
 
 
 @operator("dare", needs_base=True, params={"density": 0.1, "lam": 1.0, "rescale": True, "seed": 0},
@@ -272,9 +303,6 @@ def dare_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base
     """
     _check(tensors, weights)
     gen = torch.Generator().manual_seed(int(seed))
-    taus = torch.stack([_random_prune(t, density, rescale, gen) for t in _task_vectors(tensors, base)])
-    kernels = _peft()
-    elected = kernels.calculate_majority_sign_mask(taus, method="total")
-    w = kernels.reshape_weight_task_tensors(taus, _kernel_weights(weights, taus))
-    mixed = kernels.disjoint_merge(taus * w, elected)
+    taus = [_random_prune(t, density, rescale, gen) for t in _task_vectors(tensors, base)]
+    mixed = _elect_and_disjoint_merge(taus, [len(weights) * float(w) for w in weights])  # K·w, as in ties
     return base.to(mixed.dtype) + float(lam) * mixed
