@@ -22,17 +22,9 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors import safe_open
-
-from merit.diagnose import landscape as L
-
-
-def _open(folder: Path):
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SystemExit(f"{folder}: no safetensors weights")
-    handles = [safe_open(str(f), "pt") for f in files]
-    return {k: h for h in handles for k in h.keys()}
+from merit.diagnose.cli import task_vector_geometry_of
+from merit.diagnose.inputs import LazyCheckpoint
+from merit.merge import safetensors_io as st
 
 
 def theta0_folder(run: Path) -> Path:
@@ -42,14 +34,10 @@ def theta0_folder(run: Path) -> Path:
 
 def geometry(theta0: Path, branches: list[Path], weights: list[float], merged: Path, joint: Path | None) -> dict:
     """The task-vector geometry `merit diagnose` reports (merit.diagnose.landscape), for any run folder."""
-    base = _open(theta0)
-    opened = [_open(b) for b in branches] + [_open(merged)] + ([_open(joint)] if joint else [])
-    gram = L.TaskVectorGram(len(opened))
-    for key, h in base.items():
-        t0 = h.get_tensor(key).double()
-        if t0.is_floating_point():
-            gram.add([o[key].get_tensor(key).double().sub_(t0) for o in opened])
-    return L.task_vector_geometry(gram.gram, weights, joint is not None)
+    base = LazyCheckpoint(theta0)
+    floating = [n for n, e in base.entries.items() if e.dtype in st.FLOAT_NAMES]
+    return task_vector_geometry_of(base, [LazyCheckpoint(b) for b in branches], LazyCheckpoint(merged), weights,
+                                   LazyCheckpoint(joint) if joint else None, floating)
 
 
 def variants(run: Path) -> list[tuple[str, list[Path], list[float], Path]]:

@@ -165,11 +165,7 @@ def diagnose(folder: RunFolder, settings: Settings, memo: Memo | None = None) ->
     ev = Evaluator(folder, settings.max_per_source, settings.calibration_size, settings.device)
 
     def at(label: str, place, examples=None) -> float:
-        """The loss with the weights ``place()`` puts in the model, computed once per label."""
-        def compute() -> float:
-            place()
-            return ev.loss(examples)
-        return memo(label, compute)
+        return _loss_at(ev, memo, label, place, examples)
 
     main = folder.main
     theta0 = LazyCheckpoint(folder.theta0)
@@ -363,18 +359,33 @@ def _perturbed(tensor, sigma: float, gen, L):
 
 def _task_vectors(ev: Evaluator, theta0: LazyCheckpoint, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
                   weights: list[float], joint: LazyCheckpoint | None) -> dict:
-    """:func:`landscape.task_vector_geometry` of a merge, one tensor name at a time (for a merge other than
+    """:func:`task_vector_geometry_of` a merge over the evaluator's floating tensors (for a merge other than
     the main one, whose Gram matrix the displacement pass accumulates as it reads the same tensors)."""
+    return task_vector_geometry_of(theta0, branches, merged, weights, joint, ev.floating)
+
+
+def task_vector_geometry_of(theta0, branches: list, merged, weights: list[float], joint, names) -> dict:
+    """:func:`landscape.task_vector_geometry` of a merge from checkpoints read one tensor name at a time
+    (``checkpoint[name]``, e.g. :class:`LazyCheckpoint`), in float64: memory is one tensor per model."""
     import torch
 
     from merit.diagnose import landscape as L
 
     models = [*branches, merged, *([joint] if joint is not None else [])]
     gram = L.TaskVectorGram(len(models))
-    for name in ev.floating:
+    for name in names:
         base = theta0[name].to(torch.float64)
         gram.add([m[name].to(torch.float64) - base for m in models])
     return L.task_vector_geometry(gram.gram, weights, joint is not None)
+
+
+def _loss_at(ev: Evaluator, memo: Memo, label: str, place, examples=None) -> float:
+    """The loss (held-out, or on ``examples``) with the weights ``place()`` puts in the model, computed once
+    per label."""
+    def compute() -> float:
+        place()
+        return ev.loss(examples)
+    return memo(label, compute)
 
 
 def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
@@ -389,17 +400,14 @@ def _gain(ev: Evaluator, merge: Merge, branches: list[LazyCheckpoint], merged: L
     curvatures = []
     started = time.time()
 
-    def calibration_loss(place) -> float:
-        place()
-        return ev.loss(ev.calibration)
-
     if settings.curvature == "second-difference":
         eps = settings.curvature_epsilon
-        at = memo(f"calibration/{merge.name}/merged", lambda: calibration_loss(lambda: ev.load(merged)))
+        at = _loss_at(ev, memo, f"calibration/{merge.name}/merged", lambda: ev.load(merged), ev.calibration)
         for k, b in enumerate(branches):
             # θ̄ ± ε(θ_k − θ̄) = the line through the merge and the branch at α = ±ε (merged → branch)
-            ends = [memo(f"calibration/{merge.name}/{k}/{alpha!r}", lambda: calibration_loss(
-                lambda: ev.set_weights(lambda n: L.interpolate(merged[n], b[n], alpha)))) for alpha in (eps, -eps)]
+            ends = [_loss_at(ev, memo, f"calibration/{merge.name}/{k}/{alpha!r}",
+                             lambda: ev.set_weights(lambda n: L.interpolate(merged[n], b[n], alpha)), ev.calibration)
+                    for alpha in (eps, -eps)]
             curvatures.append(L.second_difference_curvature(ends[0], at, ends[1], eps))
         how = f"{2 * len(branches) + 1} loss evaluations (second differences, ε = {eps:g})"
     else:
