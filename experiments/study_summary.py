@@ -405,32 +405,43 @@ def residual(p: Preset, results: Path) -> list[str]:
 
 def verdicts(p: Preset, results: Path) -> list[str]:
     """Each claim: reproduced (resolved, in the paper's direction), not reproduced (resolved, against),
-    or not resolved, on the transfer set pooled over seeds (the paper's claim is about held-out benchmarks)."""
+    or not resolved, on the transfer set pooled over seeds (the paper's claim is about held-out benchmarks),
+    with the reason (the interval, and for an unresolved one how large a difference these items resolve) and
+    the in-mixture difference beside it."""
     lines = ["## The paper's claims", ""]
     lr = chosen_lr(p, results)
     if lr is None:
         return lines + ["Not decided: the study has not run yet.", ""]
     part = "transfer" if p.config["eval"].get("transfer") else ""
 
-    def pooled(row: str) -> dict | None:
-        per = [_items(results / _row_unit(p, s, row), row, part) for s in p.seeds]
+    def pooled(row: str, where: str) -> dict | None:
+        per = [_items(results / _row_unit(p, s, row), row, where) for s in p.seeds]
         return None if any(x is None for x in per) else _pooled(per)
 
     def verdict(a: str, b: str) -> str:
-        x, y = pooled(a), pooled(b)
+        x, y = pooled(a, part), pooled(b, part)
         if x is None or y is None:
             return f"not decided: {a} or {b} has not run on every seed"
         iv = paired_difference(x, y)
+        n, d = sum(map(len, x.values())), _disagreement(x, y)
         word = ("reproduced" if iv.estimate > 0 else "not reproduced") if iv.resolved else "not resolved"
-        return f"**{word}**: {a} − {b} = {_diff(iv)} points"
+        why = ("the 95% paired interval excludes 0" if iv.resolved else
+               f"the interval holds 0; the two disagree on {100 * d:.0f}% of the items, so differences under about "
+               f"±{100 * half_width(n, d):.1f} points do not resolve here")
+        line = f"**{word}**: {a} − {b} = {_diff(iv)} points on {n} items ({len(p.seeds)} seed(s)): {why}"
+        if part:
+            xi, yi = pooled(a, ""), pooled(b, "")
+            if xi is not None and yi is not None:
+                line += f"; in-mixture {_diff(paired_difference(xi, yi))}"
+        return line
 
     k = 2**p.r_main
     lines.append(f"1. {CLAIMS[0]}: {verdict(f'merit-r{p.r_main}', 'joint')}.")
     lines.append(f"2. {CLAIMS[1]}: {verdict(f'merit-r{p.r_main}', f'random-k{k}')}.")
     if p.r_other:
         lines.append(f"3. {CLAIMS[2]}: {verdict(f'merit-r{p.r_main}', f'merit-r{min(p.r_other)}')}.")
-    return lines + ["", f"(On the {'transfer' if part else 'in-mixture'} set, pooled over seeds; resolved: the 95% "
-                    "paired interval excludes 0.)", ""]
+    return lines + ["", f"(Decided on the {'transfer' if part else 'in-mixture'} set, pooled over seeds; resolved: the "
+                    "95% paired interval excludes 0.)", ""]
 
 
 def write_summary(p: Preset, results: Path, out: Path) -> list[Path]:

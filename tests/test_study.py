@@ -94,6 +94,8 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     assert f"| {full['merge_gain'][full['main']]['measured']:.4g} |" in row
     assert sum(line.startswith(("1. ", "2. ")) for line in text.splitlines()) == 2
     assert any(w in text for w in ("**reproduced**", "**not reproduced**", "**not resolved**"))
+    claim_1 = next(line for line in text.splitlines() if line.startswith("1. "))
+    assert "points on " in claim_1 and "; in-mixture " in claim_1  # the reason and the in-mixture reading
     # A summary of a study that has not started says so, and decides nothing.
     # The measured compute sits beside the budget model's plan, unit by unit.
     info = json.loads((results / "s0" / "unit.json").read_text())
