@@ -112,6 +112,16 @@ def test_one_pass_scoring_equals_one_row_per_choice_and_the_separate_loss(tiny_c
     total, count = assistant_loss(model, tok, examples, settings)
     assert source["loss"] == pytest.approx(total / count, abs=1e-5)
 
+    # Single-token choices only: no cache is kept, the same scores and losses come from the one forward.
+    letters = [{"messages": [{"role": "user", "content": "hello " * (1 + n)}, {"role": "assistant", "content": "b"}],
+                "choices": ["a", "b"], "answer_index": 1} for n in range(3)]
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) == 1 for c in ("a", "b"))
+    passed = choice_pass(model, tok, letters, settings)
+    for (a, _), (b, _) in zip(passed.scores, _choice_logprobs_by_row(model, tok, letters, settings)):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert all(loss == pytest.approx(assistant_loss(model, tok, [ex], settings), abs=1e-4)
+               for ex, loss in zip(letters, passed.losses))
+
 
 def test_length_normalisation_changes_the_pick():
     # A: one token at log p -1.0 (sum -1.0, mean -1.0); B: three tokens at -0.5 each (sum -1.5, mean -0.5).

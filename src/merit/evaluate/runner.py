@@ -121,7 +121,7 @@ def _conversation_and_choices(model, convs: list[Tokenized], prompt_lengths: lis
                               choices: list[list[list[int]]], pad_id: int, cache_arg: str = "cache"
                               ) -> list[tuple[list[float], tuple[float, int]]] | None:
     """Per conversation: each choice's summed log-probability after the prompt, and the assistant loss
-    (sum, tokens). None when the model returns no cache.
+    (sum, tokens). None when a choice has several tokens and the model returns no cache.
 
     The conversations run right-padded, each at positions 0..len−1 as it would alone, with logits at their
     label positions and at the prompt's last token (whose next-token distribution scores each choice's first
@@ -136,11 +136,14 @@ def _conversation_and_choices(model, convs: list[Tokenized], prompt_lengths: lis
     labelled = targets != IGNORE
     keep = labelled.clone()
     keep[rows_b, start - 1] = True
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+    rows = [(b, c) for b, cs in enumerate(choices) for c in cs]
+    longest = max(len(c) for _, c in rows)
+    # The cache (rows × width × layers × 2 × kv width) is kept only when a choice has tokens after its first.
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=longest > 1,
                 logits_to_keep=keep.to(device))
     cache = next((c for c in (getattr(out, "cache", None), getattr(out, "past_key_values", None)) if c is not None),
                  None)
-    if cache is None:
+    if cache is None and longest > 1:
         return None
     logits = out.logits.float()  # (N, V): one row per kept position, in row-major order
     at = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # the logits row of each kept position
@@ -149,10 +152,8 @@ def _conversation_and_choices(model, convs: list[Tokenized], prompt_lengths: lis
     loss = torch.zeros(len(convs), dtype=token_logp.dtype, device=device).index_add_(
         0, labelled.nonzero()[:, 0].to(device), -token_logp)
     first = torch.log_softmax(logits[at[rows_b, start - 1].to(device)], dim=-1)  # (B, V): after each prompt
-    rows = [(b, c) for b, cs in enumerate(choices) for c in cs]
     owner = torch.tensor([b for b, _ in rows])
     sums = first[owner.to(device), torch.tensor([c[0] for _, c in rows], device=device)]
-    longest = max(len(c) for _, c in rows)
     if longest > 1:  # the choices' later tokens, predicted from the shared prompt plus the choice so far
         cache.batch_select_indices(owner.to(device))
         cids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
