@@ -14,13 +14,12 @@ with the command and machine, to benchmarks/eval_results.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_record  # noqa: E402
 
 from merit.data.jsonl import read_examples
 from merit.evaluate.runner import EvalSettings, _choice_logprobs_by_row, assistant_loss, choice_pass
@@ -71,14 +70,8 @@ def main() -> None:
     lines.append(f"| all | | | {seconds[0]:.1f} s | {seconds[1]:.1f} s | {seconds[0] / seconds[1]:.1f}× | | | |")
     table = "\n".join(lines)
     print(table)
-    load = os.getloadavg()[0]
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
-               f"{torch.get_num_threads()}, load average {load:.1f}")
-    record = (f"\n## {time.strftime('%Y-%m-%d %H:%M')} — multiple choice in one pass per conversation\n\n"
-              f"Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`  \n"
-              f"Model: `{args.model.name}`, batch size {args.batch_size} rows. Machine: {machine}.\n\n{table}\n")
-    with open(Path(__file__).with_name("eval_results.md"), "a") as f:
-        f.write(record)
+    append_record(Path(__file__).with_name("eval_results.md"), "multiple choice in one pass per conversation",
+                  f"Model: `{args.model.name}`, batch size {args.batch_size} rows.", table)
 
 
 if __name__ == "__main__":

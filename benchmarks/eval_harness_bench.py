@@ -10,14 +10,13 @@ Prints a table and appends it, with the command and machine, to benchmarks/eval_
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_record  # noqa: E402
 
 from merit.data.jsonl import read_examples
 from merit.evaluate.runner import EvalSettings, evaluate_model, load_eval_model
@@ -76,13 +75,8 @@ def main() -> None:
             f"{results['float32']['macro']:.4f}.")
     print(table)
     print(note)
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    record = (f"\n## {time.strftime('%Y-%m-%d %H:%M')} — evaluation cost per checkpoint and the lm-eval bridge\n\n"
-              f"Command: `python {' '.join(sys.argv)}`  \nModel: `{args.model.name}`. Machine: {machine}.\n\n"
-              f"{table}\n\n{note}\n")
-    with open(Path(__file__).with_name("eval_results.md"), "a") as f:
-        f.write(record)
+    append_record(Path(__file__).with_name("eval_results.md"), "evaluation cost per checkpoint and the lm-eval bridge",
+                  f"Model: `{args.model.name}`.", f"{table}\n\n{note}")
 
 
 if __name__ == "__main__":
