@@ -70,8 +70,9 @@ def choice_pass(model, tokenizer, examples: list[dict], s: EvalSettings) -> Choi
     convs = [tokenize_conversation(tokenizer, ex["messages"], s.max_length) for ex in examples]
     choices = [[tokenizer(str(c), add_special_tokens=False)["input_ids"] for c in ex["choices"]] for ex in examples]
     cache_arg = _cache_argument(model)
-    shared = [i for i in range(len(examples)) if cache_arg and prompts[i] and all(choices[i]) and
-              not convs[i].truncated and convs[i].loss_tokens and len(prompts[i]) + max(map(len, choices[i])) <= s.max_length]
+    shared = [i for i in range(len(examples))
+              if cache_arg and prompts[i] and all(choices[i]) and not convs[i].truncated and convs[i].loss_tokens
+              and len(prompts[i]) + max(map(len, choices[i])) <= s.max_length]
     scores: list = [None] * len(examples)
     losses: list = [None] * len(examples)
     order = sorted(shared, key=lambda i: len(convs[i].input_ids))  # similar lengths share a batch
