@@ -359,12 +359,55 @@ def git_commit() -> str | None:
         return None
 
 
+def _cpu_seconds() -> float:
+    """This process's CPU seconds (all threads) and its finished children's (the local launcher's branches)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class UnitClock:
+    """A unit's compute across tries: each try's wall and CPU seconds are kept in ``path`` (rewritten every
+    ``every`` seconds by a daemon thread), so a unit stopped and resumed — another session, a restart — is
+    measured over all its tries, not only the last one (a try's last minute before it was stopped is lost)."""
+
+    def __init__(self, path: Path, every: float = 60.0):
+        import threading
+
+        self.path, self.every = path, every
+        self.tries = json.loads(path.read_text())["tries"] if path.exists() else []
+        self.tries.append({"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall": 0.0, "cpu": 0.0})
+        self._wall0, self._cpu0 = time.time(), _cpu_seconds()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick_every, daemon=True)
+        self.tick()
+        self._thread.start()
+
+    def tick(self) -> None:
+        self.tries[-1].update(wall=round(time.time() - self._wall0, 1), cpu=round(_cpu_seconds() - self._cpu0, 1))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"tries": self.tries}, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    def _tick_every(self) -> None:
+        while not self._stop.wait(self.every):
+            self.tick()
+
+    def finish(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.tick()
+        return {"seconds": round(sum(t["wall"] for t in self.tries), 1),
+                "cpu_seconds": round(sum(t["cpu"] for t in self.tries), 1), "tries": len(self.tries)}
+
+
 def run_unit(p: Preset, unit: Unit, runs: Path, results: Path, config_path: Path) -> Path:
     from merit.cli import main as merit
 
     folder = runs / unit.folder
-    started = time.time()
+    folder.mkdir(parents=True, exist_ok=True)
+    clock = UnitClock(folder / f".study-clock-{unit.name}.json")  # per unit: units can share a folder
     rc = merit(unit.command(config_path, folder))
+    measured = clock.finish()
     if rc != 0:
         raise SystemExit(f"study: unit {unit.name} failed (merit {'probe' if unit.probe else 'run'} exit {rc}); "
                          f"its log is in {folder}")
@@ -376,7 +419,7 @@ def run_unit(p: Preset, unit: Unit, runs: Path, results: Path, config_path: Path
     collect(folder, tmp)
     (tmp / "unit.json").write_text(json.dumps({
         "unit": unit.name, "preset": p.name, "sets": unit.sets, "probe": unit.probe, "folder": str(folder),
-        "seconds": round(time.time() - started, 1), "machine": machine(), "commit": git_commit(),
+        **measured, "machine": machine(), "commit": git_commit(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }, indent=2) + "\n")
     os.replace(tmp, target)  # a unit's folder appears complete or not at all

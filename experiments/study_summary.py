@@ -142,15 +142,27 @@ def budget(p: Preset, results: Path) -> list[str]:
     lr = chosen_lr(p, results)
     units = study_units(p, lr if lr is not None else p.learning_rates[len(p.learning_rates) // 2])
     plan = {u.name: estimate(p, u, units[:i])["hours"] for i, u in enumerate(units)}
+    # A unit finished before the study kept a clock across tries measured its last try only: a lower bound,
+    # shown as "≥" and left out of the measured/planned ratio.
+    timed = [u for u in done if "tries" in u or not u.get("last_try_only")]
     total = sum(u["seconds"] for u in done)
     m = done[0]["machine"]
-    lines.append(f"Measured: {len(done)} unit(s), {total / 3600:.1f} h on {m['cpus']} cores ({m['cpu']}); per unit:")
+    lines.append(f"Measured: {len(done)} unit(s), {total / 3600:.1f} h on {m['cpus']} cores ({m['cpu']}); per unit "
+                 "(wall hours over all of a unit's tries; CPU hours of all its threads):")
     lines.append("")
-    lines += _table(["unit", "planned h", "measured h", "finished", "commit"],
-                    [[u["unit"], f"{plan[u['unit']]:.2f}" if u["unit"] in plan else "—", f"{u['seconds'] / 3600:.2f}",
+
+    def hours(u: dict) -> str:
+        return ("≥ " if u not in timed else "") + f"{u['seconds'] / 3600:.2f}"
+
+    lines += _table(["unit", "planned h", "measured h", "CPU h", "tries", "finished", "commit"],
+                    [[u["unit"], f"{plan[u['unit']]:.2f}" if u["unit"] in plan else "—", hours(u),
+                      f"{u['cpu_seconds'] / 3600:.2f}" if "cpu_seconds" in u else "—", str(u.get("tries", "—")),
                       u["finished"], str(u["commit"])] for u in done])
-    planned_done = sum(plan[u["unit"]] for u in done if u["unit"] in plan)
-    measured_done = sum(u["seconds"] / 3600 for u in done if u["unit"] in plan)
+    notes = [f"{u['unit']}: {u['last_try_only']}" for u in done if u not in timed]
+    if notes:
+        lines += ["", "Measured on the last try only: " + "; ".join(notes) + "."]
+    planned_done = sum(plan[u["unit"]] for u in timed if u["unit"] in plan)
+    measured_done = sum(u["seconds"] / 3600 for u in timed if u["unit"] in plan)
     todo = [u for u in units if not is_done(u, results)]
     if planned_done > 0 and todo:
         ratio = measured_done / planned_done

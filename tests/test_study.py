@@ -24,6 +24,20 @@ def study():
     sys.path.remove(str(EXPERIMENTS))
 
 
+def test_unit_clock_adds_up_every_try(study, tmp_path):
+    import time
+
+    path = tmp_path / ".study-clock-u.json"
+    first = study.UnitClock(path, every=0.05)
+    time.sleep(0.3)
+    first._stop.set()  # the try is stopped without finishing: what its thread last wrote is on disk
+    first._thread.join()
+    stopped = json.loads(path.read_text())["tries"][0]["wall"]
+    assert stopped >= 0.2
+    measured = study.UnitClock(path).finish()
+    assert measured["tries"] == 2 and stopped <= measured["seconds"] < stopped + 5
+
+
 def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_checkpoint, capsys):
     from study_summary import write_summary
 
@@ -101,6 +115,16 @@ def test_tiny_study_runs_collects_resumes_and_summarises(study, tmp_path, tiny_c
     info = json.loads((results / "s0" / "unit.json").read_text())
     assert f"| s0 | {study.estimate(preset, study.main_units(preset, lr)[0], study.study_units(preset, lr)[:3])['hours']:.2f} " \
            f"| {info['seconds'] / 3600:.2f} |" in text
+    assert info["tries"] == 1 and info["cpu_seconds"] > 0 and "| CPU h | tries |" in text
+    # A unit recorded before the clock kept every try is shown as a lower bound and left out of the ratio.
+    stale = results / "lr-0.001" / "unit.json"
+    record = json.loads(stale.read_text())
+    stale.write_text(json.dumps({k: v for k, v in record.items() if k not in ("tries", "cpu_seconds")}
+                                | {"last_try_only": "it ran in 2 tries"}))
+    marked = write_summary(preset, results, tmp_path / "marked.md")[0].read_text()
+    assert "| lr-0.001 | " in marked and f"| ≥ {record['seconds'] / 3600:.2f} |" in marked
+    assert "Measured on the last try only: lr-0.001: it ran in 2 tries." in marked
+    stale.write_text(json.dumps(record))
     # Half-way, the page says what the rest will take at the measured/planned ratio.
     partial = tmp_path / "partial"
     shutil.copytree(results, partial)
