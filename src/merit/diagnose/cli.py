@@ -93,14 +93,15 @@ class Settings:
 CURVATURES = ("hvp", "second-difference")
 # Settings added after diagnoses were stored: in a stage key only when not at their default, so a
 # finished diagnosis keeps its key.
-ADDED_SETTINGS = {"curvature": "hvp", "curvature_epsilon": 0.1}
+ADDED_SETTINGS = ("curvature", "curvature_epsilon")
 
 
 def settings_key(settings: Settings) -> dict:
     """The settings as the diagnose stage's key reads them (added ones only when changed)."""
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
-    return {k: v for k, v in asdict(settings).items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+    default = {f.name: f.default for f in fields(Settings)}
+    return {k: v for k, v in asdict(settings).items() if k not in ADDED_SETTINGS or v != default[k]}
 
 
 def parse_settings(args: argparse.Namespace) -> Settings:
@@ -248,7 +249,7 @@ def diagnose(folder: RunFolder, settings: Settings, memo: Memo | None = None) ->
         # more orthogonal (a larger spread to average, and less of each update kept)?
         displacement["task_vectors_random"] = {
             "merge": folder.random.name,
-            **_task_vectors(ev, theta0, rb, rm, folder.random.weights, joint)}
+            **task_vector_geometry_of(theta0, rb, rm, folder.random.weights, joint, ev.floating)}
 
     # Gaussian perturbation: the same noise directions (one per draw) for every model and σ.
     seed = folder.cfg.seed if settings.seed is None else settings.seed
@@ -357,16 +358,10 @@ def _perturbed(tensor, sigma: float, gen, L):
     return (tensor.float() + L.relative_gaussian_noise(tensor, sigma, gen)).to(tensor.dtype)
 
 
-def _task_vectors(ev: Evaluator, theta0: LazyCheckpoint, branches: list[LazyCheckpoint], merged: LazyCheckpoint,
-                  weights: list[float], joint: LazyCheckpoint | None) -> dict:
-    """:func:`task_vector_geometry_of` a merge over the evaluator's floating tensors (for a merge other than
-    the main one, whose Gram matrix the displacement pass accumulates as it reads the same tensors)."""
-    return task_vector_geometry_of(theta0, branches, merged, weights, joint, ev.floating)
-
-
 def task_vector_geometry_of(theta0, branches: list, merged, weights: list[float], joint, names) -> dict:
     """:func:`landscape.task_vector_geometry` of a merge from checkpoints read one tensor name at a time
-    (``checkpoint[name]``, e.g. :class:`LazyCheckpoint`), in float64: memory is one tensor per model."""
+    (``checkpoint[name]``, e.g. :class:`LazyCheckpoint`), in float64: memory is one tensor per model. (The
+    main merge's Gram matrix is accumulated by the displacement pass as it reads the same tensors.)"""
     import torch
 
     from merit.diagnose import landscape as L
